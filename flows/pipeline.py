@@ -1,0 +1,55 @@
+"""The main flow: corpus -> shards -> trained model -> evaluation -> registered version.
+
+    tokenmill run python-stdlib            # or: python -m flows.pipeline
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.evaluate import evaluate_model
+from tasks.plan import plan_run_task
+from tasks.preprocess import preprocess_corpus
+from tasks.registry import register_candidate
+from tasks.tracking import end_run, run_tags, start_run
+from tasks.train import train_model
+
+
+@flow(name="tokenmill-run", log_prints=False)
+def run_pipeline(
+    corpus: str = "python-stdlib",
+    preset: str = "default",
+    overrides: list[str] | None = None,
+    catalog: str | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
+    cfg = plan.config
+    manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address)
+    tags = run_tags(plan.corpus.fingerprint, flow_run.get_id())
+    run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
+    try:
+        trained = train_model(manifest, cfg, plan.models_root, run_id)
+        metrics = evaluate_model(manifest, trained.weights, trained.gpt_config, cfg.eval, run_id)
+        registered = register_candidate(
+            run_id, trained.weights, trained.gpt_config, manifest,
+            metrics, cfg.registry.model_name, cfg.registry.min_improvement,
+        )
+    except BaseException:
+        end_run(run_id, "FAILED")
+        raise
+    end_run(run_id, "FINISHED")
+    return {
+        "manifest": str(manifest),
+        "mlflow_run_id": run_id,
+        "model_name": registered.name,
+        "model_version": registered.version,
+        "aliases": registered.aliases,
+        "decision": registered.decision,
+        **{k: v for k, v in metrics.items()},
+    }
+
+
+if __name__ == "__main__":
+    run_pipeline()

@@ -1,0 +1,317 @@
+"""A GPT-style decoder-only Transformer, the network that tokenmill trains.
+
+The layout follows nanoGPT's model.py: the config first, then the small parts
+(norm, rotary embeddings, attention, MLP, block), then the whole network. It
+differs from GPT-2 in three places: RMSNorm instead of LayerNorm, rotary
+position embeddings instead of a learned position table, and no biases.
+
+This module only builds the network. Compilation, DDP and FSDP are applied
+from outside, so the code here never changes when the hardware does.
+
+    model = GPT(config_from_preset("tiny", vocab_size=4096))
+    logits, loss = model(idx, targets)
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # longest context the model can attend over
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"pick n_embd as a multiple of n_head"
+            )
+        head_dim = self.n_embd // self.n_head
+        if head_dim % 2 != 0:
+            raise ValueError(
+                f"head size n_embd // n_head = {head_dim} must be even for rotary "
+                f"embeddings; change n_embd or n_head"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_base <= 0:
+            raise ValueError(f"rope_base must be positive, got {self.rope_base!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+
+
+# Named shapes. Anything not listed falls back to the GPTConfig defaults.
+PRESETS: dict[str, dict] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 128},
+    "small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
+    "medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},  # GPT-2 350M
+}
+
+
+def config_from_preset(name: str, **overrides) -> GPTConfig:
+    """Build a GPTConfig from a named preset; overrides win over the preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learnable gain and no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if hasattr(F, "rms_norm"):  # fused kernel, torch >= 2.4
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # Reduce in float32 so half-precision inputs do not lose the mean square.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, block_size: int, base: float, device=None):
+    """cos and sin tables for every position up to block_size, each (T, hs)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    pos = torch.arange(block_size, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, inv_freq)  # (T, hs/2)
+    # The rotate-half convention pairs channel i with channel i + hs/2, so each
+    # frequency appears once in each half.
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate q or k (B, nh, T, hs) by position, so q.k depends on relative offset."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep autocast's dtype for attention
+    return x * cos + rotate_half(x) * sin
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # q, k and v for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: the residual stream itself is never normalised."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables are derived from the config, so they stay out of checkpoints.
+        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
+        self.init_weights()
+
+    def init_weights(self):
+        """Draw fresh weights and rebuild the rotary tables.
+
+        Called by __init__. Call it again after `to_empty()` when the model was
+        built on the meta device, since that leaves buffers and weights unset
+        and gives the embedding and the head separate storage.
+        """
+        # Weight tying: one matrix both embeds tokens and scores them, which saves
+        # vocab_size * n_embd parameters and helps small models.
+        self.transformer.wte.weight = self.lm_head.weight
+        cos, sin = rotary_tables(
+            self.config.n_embd // self.config.n_head, self.config.block_size,
+            self.config.rope_base, device=self.rope_cos.device,
+        )
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+        self.apply(self._init_module)
+        # GPT-2: each block adds two projections to the residual stream, so shrink
+        # them to keep its variance from growing with depth.
+        proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.transformer.h:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=proj_std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=proj_std)
+
+    @staticmethod
+    def _init_module(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def forward(self, idx, targets=None):
+        """Return (logits, loss).
+
+        With targets: logits for every position, (B, T, vocab), and the mean
+        float32 cross-entropy; targets of -1 are ignored. Without targets: only
+        the last position's logits, (B, 1, vocab), and None, which is all that
+        generation needs and saves the full head matmul.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                f"crop the input or raise block_size"
+            )
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
+        x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab)
+            # float32 so a bf16 autocast does not round the loss
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab); list index keeps the T dim
+            loss = None
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + n).
+
+        temperature == 0 picks the argmax. Pass a seeded `generator` for
+        reproducible sampling. Call model.eval() first if dropout is on.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        block_size = self.config.block_size
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+                    logits[logits < kth[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)  # (B, vocab)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+        return idx
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, the tied embedding/head matrix counted once.
+
+        non_embedding=True leaves that matrix out, the N of the scaling-law papers.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token at full context, as in PaLM appendix B.
+
+            6 * N + 12 * n_layer * n_embd * block_size
+
+        6 * N covers the forward (2) and backward (4) matmuls against every weight.
+        N is the non-embedding count plus the head matrix once: the embedding is a
+        lookup, but the tied head is a real (C, vocab) matmul. The second term is
+        attention itself (QK^T and AV), which has no weights.
+        """
+        cfg = self.config
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def configure_optimizer(self, weight_decay, lr, betas, device_type) -> torch.optim.AdamW:
+        """AdamW that decays matrices (matmul weights, the embedding) but not gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # The fused kernel is CUDA-only and does one launch per step instead of many.
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")

@@ -1,0 +1,34 @@
+"""A Dask client: an existing scheduler when an address is given, else a LocalCluster.
+
+On a remote cluster the workers must have tokenmill installed and see the state dir
+(shared storage), because they read the corpus and write shards themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
+    from distributed import Client, LocalCluster
+
+    # Prefect's logging setup turns distributed's INFO chatter back on; progress is ours to show.
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if address:
+        with Client(address, timeout="30s") as client:
+            yield client
+        return
+    workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
+    with LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster) as client:
+        yield client

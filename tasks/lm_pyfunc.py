@@ -1,0 +1,85 @@
+"""The MLflow pyfunc of a tokenmill language model, logged as code (no pickled objects).
+
+    mlflow.pyfunc.load_model("models:/tokenmill-lm@champion").predict(["def main("])
+
+Input: a list of prompts, or a DataFrame with a `prompt` column. Params: `mode`
+("generate" returns text, "score" returns bits per byte of each text), `max_new_tokens`,
+`temperature`, `top_k`, `seed`. Weights load with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+from mlflow.models import set_model
+
+from model import GPT, GPTConfig
+
+# The input schema is declared by the logged signature, so MLflow's type-hint advice is noise.
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+
+
+class TokenmillLM(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        import sentencepiece as spm
+
+        config = json.loads(open(context.artifacts["config"], encoding="utf-8").read())
+        self.model = GPT(GPTConfig(**config["gpt"]))
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        self.sp = spm.SentencePieceProcessor(model_file=context.artifacts["tokenizer"])
+
+    def predict(self, context, model_input, params=None) -> list:
+        params = params or {}
+        texts = _texts(model_input)
+        if params.get("mode", "generate") == "score":
+            return [self._bits_per_byte(t) for t in texts]
+        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        return [
+            self._generate(t, int(params.get("max_new_tokens", 64)), float(params.get("temperature", 0.8)),
+                           int(params.get("top_k", 50)) or None, generator)
+            for t in texts
+        ]
+
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, top_k, generator) -> str:
+        ids = self.sp.encode(prompt) or [self.sp.eos_id()]
+        idx = torch.tensor([ids], dtype=torch.long)
+        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+        new = out[0, len(ids):].tolist()
+        if self.sp.eos_id() in new:
+            new = new[: new.index(self.sp.eos_id())]
+        return self.sp.decode(new)
+
+    @torch.no_grad()
+    def _bits_per_byte(self, text: str) -> float:
+        ids = [self.sp.eos_id()] + self.sp.encode(text)
+        n_bytes = len(text.encode("utf-8"))
+        if n_bytes == 0:
+            return float("nan")
+        block = self.model.config.block_size
+        nats = 0.0
+        for start in range(0, len(ids) - 1, block):
+            chunk = torch.tensor([ids[start : start + block + 1]], dtype=torch.long)
+            logits, _ = self.model(chunk[:, :-1], chunk[:, 1:])
+            nats += float(torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum"))
+        return nats / math.log(2) / n_bytes
+
+
+def _texts(model_input) -> list[str]:
+    if hasattr(model_input, "columns"):
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(v) for v in model_input[column].tolist()]
+    if isinstance(model_input, np.ndarray):
+        return [str(v) for v in model_input.reshape(-1).tolist()]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(v) for v in model_input]
+
+
+set_model(TokenmillLM())

@@ -1,0 +1,89 @@
+"""Arrow IPC token shards: packing, writing, and a zero-copy reader.
+
+A shard is an uncompressed Arrow IPC (Feather v2) file with one fixed-size-list column,
+`tokens`, whose rows each hold `row_len` token ids. Uncompressed IPC memory-maps without a
+copy, so the training reader pages rows in from disk on demand. This module imports only
+numpy and pyarrow, so a GPU box can read shards without the rest of the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+TOKENS = "tokens"
+
+
+def pack_rows(stream: np.ndarray, row_len: int) -> np.ndarray:
+    """Cut a token stream into rows of `row_len` that overlap by one token.
+
+    Row i is stream[i*(row_len-1) : i*(row_len-1) + row_len], so every next-token pair in the
+    stream appears in exactly one row. The tail that cannot fill a row is dropped.
+    """
+    step = row_len - 1
+    n_rows = max(0, (len(stream) - 1) // step)
+    if n_rows == 0:
+        return np.empty((0, row_len), dtype=stream.dtype)
+    idx = np.arange(n_rows)[:, None] * step + np.arange(row_len)[None, :]
+    return stream[idx]
+
+
+def schema(row_len: int, dtype: np.dtype, metadata: dict[str, str]) -> pa.Schema:
+    value_type = pa.uint16() if dtype == np.uint16 else pa.int32()
+    return pa.schema(
+        [pa.field(TOKENS, pa.list_(value_type, row_len), nullable=False)],
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
+
+
+def write_shard(path: Path, rows: np.ndarray, metadata: dict[str, str]) -> None:
+    """Write rows (N, row_len) as one uncompressed IPC file at `path` (not atomic by itself)."""
+    n, row_len = rows.shape
+    flat = pa.array(np.ascontiguousarray(rows).reshape(-1))
+    column = pa.FixedSizeListArray.from_arrays(flat, row_len)
+    table = pa.Table.from_arrays([column], schema=schema(row_len, rows.dtype, metadata))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=65536)
+
+
+def read_rows(path: Path) -> np.ndarray:
+    """All rows of one shard as a read-only (N, row_len) array memory-mapped from disk."""
+    source = pa.memory_map(str(path), "r")
+    table = pa.ipc.open_file(source).read_all()
+    row_len = table.schema.field(TOKENS).type.list_size
+    parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in table.column(TOKENS).chunks]
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return flat.reshape(-1, row_len)
+
+
+@dataclass
+class ShardSet:
+    """The rows of one split of a manifest, addressable by a global row index."""
+
+    shards: list[np.ndarray]
+    row_len: int
+
+    @classmethod
+    def open(cls, manifest_path: Path, split: str) -> ShardSet:
+        manifest = json.loads(Path(manifest_path).read_text())
+        root = Path(manifest_path).parent
+        arrays = [read_rows(root / s["path"]) for s in manifest["shards"] if s["split"] == split]
+        return cls(shards=[a for a in arrays if len(a)], row_len=manifest["row_len"])
+
+    def __post_init__(self) -> None:
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at global `indices`, gathered into a new writable int64 array."""
+        out = np.empty((len(indices), self.row_len), dtype=np.int64)
+        which = np.searchsorted(self.offsets, indices, side="right") - 1
+        for k, (shard, local) in enumerate(zip(which, indices - self.offsets[which])):
+            out[k] = self.shards[shard][local]
+        return out

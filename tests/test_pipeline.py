@@ -1,0 +1,88 @@
+"""End to end: the whole flow on the real default corpus, tiny preset, embedded services.
+
+One module-scoped state dir holds the shards, the MLflow database and the registry, so the
+tests below read it in order: a first run makes a champion, a weak second run must not
+replace it, and the registered model loads and predicts in a fresh process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    saved = {k: os.environ.get(k) for k in ("TOKENMILL_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["TOKENMILL_HOME"] = str(state)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    with prefect_test_harness(server_startup_timeout=180):
+        from flows.pipeline import run_pipeline
+
+        first = run_pipeline(corpus="python-stdlib", preset="tiny")
+        weak = run_pipeline(corpus="python-stdlib", preset="tiny", max_steps=3)
+        yield {"state": state, "first": first, "weak": weak}
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_first_run_registers_a_champion_that_learned_context(pipeline_env):
+    from mlflow import MlflowClient
+
+    first = pipeline_env["first"]
+    assert first["model_name"] == "tokenmill-lm" and first["model_version"] == "1"
+    assert "champion" in first["aliases"]
+    # Below 0.8x the unigram entropy: the model uses context, not just token frequencies.
+    assert first["val_loss"] < 0.8 * first["val_unigram_entropy"]
+
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("tokenmill-lm", "champion")
+    assert str(mv.version) == "1"
+    run = client.get_run(mv.run_id)
+    assert {"val_loss", "val_ppl", "val_bpb"} <= set(run.data.metrics)
+    assert run.data.params["preset"] == "tiny" and run.info.status == "FINISHED"
+    assert len(client.get_metric_history(mv.run_id, "train_loss")) >= 10
+
+
+def test_shards_are_reused_and_a_weak_challenger_is_not_promoted(pipeline_env):
+    from mlflow import MlflowClient
+
+    first, weak = pipeline_env["first"], pipeline_env["weak"]
+    assert weak["manifest"] == first["manifest"]
+    manifest = json.loads(open(weak["manifest"]).read())
+    assert manifest["stats"]["tokens"] > 1_000_000
+    assert weak["model_version"] == "2" and weak["aliases"] == ["challenger"]
+    assert weak["val_bpb"] > first["val_bpb"]
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "1"
+    tags = client.get_model_version("tokenmill-lm", "2").tags
+    assert tags["promotion.decision"] == "kept-challenger" and "does not beat" in tags["promotion.reason"]
+
+
+def test_champion_loads_and_predicts_in_a_fresh_process(pipeline_env):
+    script = textwrap.dedent(
+        """
+        import json, mlflow.pyfunc, pandas as pd
+        m = mlflow.pyfunc.load_model("models:/tokenmill-lm@champion")
+        text = m.predict(["def main(", "import os\\n"], params={"max_new_tokens": 24, "temperature": 0.0})
+        df = m.predict(pd.DataFrame({"prompt": ["class A:"]}), params={"max_new_tokens": 8})
+        bpb = m.predict(["def add(a, b):\\n    return a + b\\n"], params={"mode": "score"})
+        print(json.dumps({"text": list(text), "df": list(df), "bpb": list(bpb)}))
+        """
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=pipeline_env["state"], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["text"]) == 2 and all(isinstance(t, str) and t for t in result["text"])
+    assert len(result["df"]) == 1
+    assert 0.0 < result["bpb"][0] < 16.0

@@ -1,0 +1,161 @@
+"""The typed config tree of a run, its named presets, and how they combine.
+
+Precedence, lowest first: field defaults < preset < catalog entry < overrides (CLI `--set`,
+`--max-steps`, or flow parameters). `resolve_config` applies exactly that order.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tokenmill.errors import TokenmillError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenizerConfig(Section):
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=320, le=1 << 20)
+    byte_fallback: bool = True
+    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+    sample_bytes: int = Field(8_000_000, gt=0, description="text read to train the tokenizer")
+
+
+class DataConfig(Section):
+    context_len: int = Field(256, ge=8, description="tokens a model sees; rows hold one more")
+    val_fraction: float = Field(0.02, gt=0.0, lt=1.0)
+    seed: int = 1337
+    normalize: Literal["none", "NFC", "NFKC"] = "NFC"
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(2_000_000, gt=0)
+    partition_bytes: int = Field(4_000_000, gt=0, description="text per Dask partition")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
+
+
+class ModelConfig(Section):
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError("n_embd / n_head must be an even integer (rotary embeddings)")
+        return self
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1, description="rows per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    eval_interval: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1, description="val batches per periodic eval")
+    log_interval: int = Field(10, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    seed: int = 1337
+
+
+class EvalConfig(Section):
+    max_rows: int = Field(2048, ge=1, description="val rows in the frozen eval set")
+    batch_size: int = Field(32, ge=1)
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("tokenmill-lm", min_length=1)
+    experiment: str = Field("tokenmill", min_length=1)
+    min_improvement: float = Field(0.005, ge=0.0, description="relative val_bpb gain to promote")
+
+
+class RunConfig(Section):
+    preset: str = "default"
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+def load_presets() -> dict[str, dict[str, Any]]:
+    text = resources.files("tokenmill").joinpath("presets.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def preset_names() -> list[str]:
+    return sorted(load_presets())
+
+
+def resolve_config(
+    preset: str = "default",
+    catalog_overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Merge defaults < preset < catalog entry < overrides into one validated RunConfig."""
+    presets = load_presets()
+    if preset not in presets:
+        raise TokenmillError(
+            f"unknown preset '{preset}': choose one of {', '.join(sorted(presets))}"
+        )
+    merged: dict[str, Any] = {"preset": preset}
+    for layer in (presets[preset] or {}, catalog_overrides or {}, overrides or {}):
+        merged = deep_merge(merged, layer)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise TokenmillError(f"invalid config: {describe_validation_error(exc)}") from None
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-3", "model.n_layer=6"] into a nested override dict."""
+    nested: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise TokenmillError(f"bad --set '{item}': write SECTION.FIELD=VALUE, e.g. train.lr=1e-3")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def deep_merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)

@@ -1,0 +1,80 @@
+"""Where state lives and which services a run talks to.
+
+Embedded by default: Prefect's ephemeral API with its home under the state dir, a Dask
+LocalCluster, and MLflow on SQLite under the state dir. Setting PREFECT_API_URL,
+MLFLOW_TRACKING_URI or TOKENMILL_DASK_ADDRESS points the same code at real servers.
+Call `configure()` before prefect or mlflow is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Services:
+    state_dir: Path
+    mlflow_uri: str
+    artifact_root: str | None  # None when a tracking server chooses artifact locations
+    dask_address: str | None
+    prefect_api_url: str | None
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("TOKENMILL_HOME", ".tokenmill")).expanduser().resolve()
+
+
+def services() -> Services:
+    """The services in force, read from the environment without changing anything."""
+    state = state_dir()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state / 'mlflow.db'}"
+    local_store = uri.startswith("sqlite:") or uri.startswith("file:")
+    return Services(
+        state_dir=state,
+        mlflow_uri=uri,
+        artifact_root=(state / "mlartifacts").as_uri() if local_store else None,
+        dask_address=os.environ.get("TOKENMILL_DASK_ADDRESS") or None,
+        prefect_api_url=os.environ.get("PREFECT_API_URL") or None,
+    )
+
+
+def configure_env() -> Services:
+    """Point Prefect and MLflow at the state dir unless real servers are set. Writes nothing."""
+    svc = services()
+    defaults = {
+        "PREFECT_HOME": str(svc.state_dir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        # The CLI draws its own progress; Prefect's INFO lines would bury it.
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_TRACKING_URI": svc.mlflow_uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    quiet_framework_noise()
+    return svc
+
+
+def configure() -> Services:
+    """`configure_env`, then create the state dir: call it once inputs are known to be good."""
+    svc = configure_env()
+    svc.state_dir.mkdir(parents=True, exist_ok=True)
+    return svc
+
+
+def quiet_framework_noise() -> None:
+    for name in ("alembic", "mlflow", "distributed", "prefect", "sqlalchemy", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*pydantic.*")
+    # MLflow nags about type hints and input examples; the signature is declared on purpose.
+    warnings.filterwarnings("ignore", message=r".*(Add type hints|An input example was not provided)")

@@ -150,7 +150,8 @@ def fingerprint(entry: CorpusEntry, files: list[SourceFile]) -> str:
 
 
 def _looks_like_path(arg: str) -> bool:
-    return os.path.exists(os.path.expanduser(arg)) or bool(GLOB_CHARS & set(arg)) and bool(glob.glob(arg, recursive=True))
+    arg = os.path.expanduser(arg)
+    return os.path.exists(arg) or bool(GLOB_CHARS & set(arg)) and bool(glob.glob(arg, recursive=True))
 
 
 def _infer_format(arg: str) -> Format:

@@ -48,6 +48,8 @@ def is_binary(data: bytes) -> bool:
 
 def split_documents(text: str, rules: DocRules) -> Iterator[str]:
     """The raw documents of one file's text, per the entry's format."""
+    if rules.format in ("lines", "paragraphs"):
+        text = text.replace("\r\n", "\n")
     if rules.format == "text":
         yield text
     elif rules.format == "lines":

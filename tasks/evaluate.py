@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from model import GPT, GPTConfig
 from tasks import manifest as mf, tokenizer as tok
+from tasks.policy import retry_transient
 from tasks.metrics import evaluate_rows, unigram_entropy
 from tasks.shards import ShardSet
 from tasks.trainer import pick_device
@@ -41,7 +42,7 @@ def score(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig,
     return metrics
 
 
-@task(name="evaluate", retries=1, cache_policy=NO_CACHE)
+@task(name="evaluate", retries=1, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def evaluate_model(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig, run_id: str | None) -> dict:
     step("evaluating on the frozen eval set")
     metrics = score(manifest_path, weights, gpt_config, cfg)

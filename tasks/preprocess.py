@@ -21,6 +21,7 @@ from tasks import encode, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_bytes, write_json
 from tasks.cluster import dask_client
 from tasks.documents import DocRules
+from tasks.policy import retry_transient
 from tokenmill.config import DataConfig, TokenizerConfig
 from tokenmill.console import progress, step
 from tokenmill.errors import TokenmillError
@@ -36,7 +37,8 @@ def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, sha
     return Path(shards_root) / f"{corpus.name}-{key[:16]}"
 
 
-@task(name="preprocess", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="preprocess", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def preprocess_corpus(
     corpus: Corpus,
     tokenizer: TokenizerConfig,

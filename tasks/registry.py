@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.policy import retry_transient
 from tasks.promotion import Candidate, Decision, IncomparableModels, decide
 from tokenmill.console import step
 
@@ -82,7 +83,8 @@ def log_lm(run_id: str, weights: Path, tokenizer: Path, gpt_config: dict, manife
         )
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+@task(name="register", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def register_candidate(
     run_id: str, weights: Path, gpt_config: dict, manifest_path: Path,
     metrics: dict, model_name: str, min_improvement: float,

@@ -56,6 +56,8 @@ def read_rows(path: Path) -> np.ndarray:
     table = pa.ipc.open_file(source).read_all()
     row_len = table.schema.field(TOKENS).type.list_size
     parts = [chunk.flatten().to_numpy(zero_copy_only=True) for chunk in table.column(TOKENS).chunks]
+    if not parts:
+        return np.empty((0, row_len), dtype=table.schema.field(TOKENS).type.value_type.to_pandas_dtype())
     flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return flat.reshape(-1, row_len)
 

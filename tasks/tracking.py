@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.policy import retry_transient
 from tokenmill.runtime import services
 
 SECRET_HINTS = ("password", "secret", "token_", "api_key", "credential")
@@ -68,7 +69,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-@task(name="start-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+@task(name="start-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
     """Open the pipeline's MLflow run with the resolved config as params; return its id."""
     from mlflow import MlflowClient
@@ -86,7 +88,8 @@ def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict
     return run.info.run_id
 
 
-@task(name="end-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE)
+@task(name="end-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     from mlflow import MlflowClient
 

@@ -89,16 +89,15 @@ def test_unknown_field_names_the_entry_and_the_field(tmp_path):
 @pytest.mark.parametrize(
     ("entry", "field"),
     [
-        ("paths: a.txt", "paths"),
-        ("paths: []", "paths"),
+        ("{paths: a.txt}", "paths"),
+        ("{paths: []}", "paths"),
         ("{paths: [a], format: csv}", "format"),
         ("{paths: [a], data: 3}", "data"),
         ("{paths: [a], exclude: 5}", "exclude"),
     ],
 )
 def test_wrong_type_names_the_entry_and_the_field(tmp_path, entry, field):
-    body = f"corpora:\n  books:\n    {entry}\n" if entry.startswith("paths") else f"corpora:\n  books: {entry}\n"
-    path = catalog_file(tmp_path, body)
+    path = catalog_file(tmp_path, f"corpora:\n  books: {entry}\n")
     message = user_error(lambda: load_catalog(path))
     assert "'books'" in message
     assert f"field '{field}'" in message

@@ -52,6 +52,9 @@ def run(
         plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps)  # fail before writing
         runtime.configure()
         from flows.pipeline import run_pipeline
+        from tasks.policy import hide_user_error_tracebacks
+
+        hide_user_error_tracebacks()
 
         summary = run_pipeline(
             corpus=corpus, preset=preset, overrides=set_, catalog=str(catalog) if catalog else None,
@@ -65,15 +68,18 @@ def run(
 def print_summary(s: dict) -> None:
     from tokenmill.console import console
 
+    def say(line: str) -> None:
+        console.print(line, soft_wrap=True)
+
     aliases = ", ".join(s["aliases"]) or "none"
-    console.print()
-    console.print(f"[bold green]done[/]  {s['model_name']} v{s['model_version']} (aliases: {aliases})")
-    console.print(f"  shards     {s['manifest']}")
-    console.print(f"  val_loss   {s['val_loss']:.4f} nats/token   (unigram baseline {s['val_unigram_entropy']:.4f})")
-    console.print(f"  val_ppl    {s['val_ppl']:.2f}")
-    console.print(f"  val_bpb    {s['val_bpb']:.4f} bits/byte")
-    console.print(f"  promotion  {s['decision']}")
-    console.print(f"  champion   models:/{s['model_name']}@champion")
+    say("")
+    say(f"[bold green]done[/]  {s['model_name']} v{s['model_version']} (aliases: {aliases})")
+    say(f"  shards     {s['manifest']}")
+    say(f"  val_loss   {s['val_loss']:.4f} nats/token   (unigram baseline {s['val_unigram_entropy']:.4f})")
+    say(f"  val_ppl    {s['val_ppl']:.2f}")
+    say(f"  val_bpb    {s['val_bpb']:.4f} bits/byte")
+    say(f"  promotion  {s['decision']}")
+    say(f"  champion   models:/{s['model_name']}@champion")
 
 
 @app.command()

@@ -131,13 +131,32 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise TokenmillError(f"bad --set '{item}': write SECTION.FIELD=VALUE, e.g. train.lr=1e-3")
-        value = yaml.safe_load(raw) if raw.strip() else ""
         node = nested
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+            if not isinstance(node, dict):
+                raise TokenmillError(f"bad --set '{item}': '{part}' was already set to a value, not a section")
+        node[leaf] = parse_value(raw)
     return nested
+
+
+def parse_value(raw: str) -> Any:
+    """A --set value: int, then float (so 1e-3 and 1e6 are numbers), then YAML, else the string."""
+    text = raw.strip()
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text.startswith(("[", "{")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            pass
+    return text
 
 
 def deep_merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:

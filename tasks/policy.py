@@ -1,0 +1,41 @@
+"""Retry policy shared by the stages: retry what may pass on its own, fail fast on the rest.
+
+A user error (bad config or data, `TokenmillError`), a non-finite loss or running out of
+memory fails the same way every time, so retrying only delays the message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tokenmill.errors import TokenmillError
+
+DETERMINISTIC = (TokenmillError, FloatingPointError, MemoryError, ValueError, TypeError, KeyError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DETERMINISTIC):
+        return False
+    return "out of memory" not in str(exc).lower()
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only failures that `is_transient`."""
+    try:
+        state.result()
+    except BaseException as exc:  # the state carries the task's exception
+        return is_transient(exc)
+    return True
+
+
+class HideUserErrors(logging.Filter):
+    """Keep Prefect from logging a traceback for an error the CLI reports in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, TokenmillError)
+
+
+def hide_user_error_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+        logging.getLogger(name).addFilter(HideUserErrors())

@@ -30,4 +30,4 @@ def progress(*extra_columns) -> Progress:
 
 
 def step(message: str) -> None:
-    console.print(f"[cyan]>[/cyan] {message}")
+    console.print(f"[cyan]>[/cyan] {message}", soft_wrap=True)

@@ -1,18 +1,20 @@
 """Load the declarative corpus catalog and resolve a corpus to a concrete file listing.
 
 Tasks never read the YAML: they receive a `Corpus`, which carries the resolved files and a
-fingerprint of them. A name that is not in the catalog but is a path (file, directory or
-glob) becomes an ad-hoc corpus with default settings.
+fingerprint of them. A name that is not in the catalog but is a path, directory, glob or
+URL becomes an ad-hoc corpus with default settings and the format inferred per file.
+
+    from data_catalog.loader import resolve_corpus
+    corpus = resolve_corpus("python-stdlib")            # the bundled catalog
+    corpus = resolve_corpus("books", Path("my.yaml"))   # another catalog
 """
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import hashlib
 import json
 import os
-import sysconfig
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +22,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from data_catalog.listing import GLOB_CHARS, SourceFile, expand, is_url, list_sources
+from tokenmill.config import DataConfig, TokenizerConfig
 from tokenmill.errors import TokenmillError
 
-Format = Literal["text", "lines", "paragraphs", "jsonl"]
-GLOB_CHARS = set("*?[")
+Format = Literal["auto", "text", "lines", "paragraphs", "jsonl", "parquet"]
+
+__all__ = ["Catalog", "Corpus", "CorpusEntry", "SourceFile", "fingerprint", "list_files", "load_catalog", "resolve_corpus"]
 
 
 class CorpusEntry(BaseModel):
@@ -34,7 +39,7 @@ class CorpusEntry(BaseModel):
     paths: list[str] = Field(min_length=1)
     exclude: list[str] = []
     format: Format = "text"
-    text_field: str = "text"
+    text_field: str = Field("text", min_length=1, description="the JSON Lines field or Parquet column of the text")
     data: dict[str, Any] = {}
     tokenizer: dict[str, Any] = {}
 
@@ -43,14 +48,6 @@ class Catalog(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     corpora: dict[str, CorpusEntry]
-
-
-class SourceFile(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    path: str
-    size: int
-    mtime_ns: int
 
 
 class Corpus(BaseModel):
@@ -73,6 +70,7 @@ def default_catalog_path() -> Path:
 
 
 def load_catalog(path: Path | None = None) -> tuple[Catalog, Path]:
+    """The validated catalog and its path; every problem is one line naming file, entry and field."""
     path = Path(path) if path else default_catalog_path()
     if not path.is_file():
         raise TokenmillError(f"catalog file not found: {path}; pass an existing YAML file with --catalog")
@@ -82,80 +80,98 @@ def load_catalog(path: Path | None = None) -> tuple[Catalog, Path]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise TokenmillError(f"catalog {path} is not valid YAML{where}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise TokenmillError(f"catalog {path} is not UTF-8 text; save it as UTF-8") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("corpora"), dict):
         raise TokenmillError(f"catalog {path} must be a mapping with a 'corpora:' section of named entries")
     try:
-        return Catalog.model_validate(raw), path
+        catalog = Catalog.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = list(err["loc"])
         entry = loc[1] if len(loc) > 1 and loc[0] == "corpora" else "?"
-        field = ".".join(str(p) for p in loc[2:]) or "entry"
-        msg = "unknown field; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
-        raise TokenmillError(f"catalog {path}: entry '{entry}', field '{field}': {msg}") from None
+        raise TokenmillError(f"catalog {path}: entry '{entry}', field '{_field(loc[2:])}': {_message(err)}") from None
+    for name, entry in catalog.corpora.items():
+        _check_overrides(path, name, entry)
+    return catalog, path
+
+
+def _check_overrides(path: Path, name: str, entry: CorpusEntry) -> None:
+    """The entry's `data:` and `tokenizer:` blocks must be valid config fields with valid values."""
+    for section, model in (("data", DataConfig), ("tokenizer", TokenizerConfig)):
+        try:
+            model.model_validate(getattr(entry, section))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = _field([section, *err["loc"]])
+            raise TokenmillError(f"catalog {path}: entry '{name}', field '{field}': {_message(err)}") from None
+
+
+def _field(loc: list) -> str:
+    return ".".join(str(p) for p in loc) or "entry"
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field; check the spelling"
+    return err["msg"].removeprefix("Value error, ")
 
 
 def resolve_corpus(name_or_path: str, catalog_path: Path | None = None) -> Corpus:
-    """A catalog entry by name, or an ad-hoc corpus when the argument is a path or glob."""
+    """A catalog entry by name, or an ad-hoc corpus when the argument is a path, glob or URL."""
     catalog, path = load_catalog(catalog_path)
     if name_or_path in catalog.corpora:
-        entry = catalog.corpora[name_or_path]
-        return _resolve(name_or_path, entry, base=path.parent)
+        return resolve_entry(name_or_path, catalog.corpora[name_or_path], base=path.parent)
     if _looks_like_path(name_or_path):
-        entry = CorpusEntry(paths=[name_or_path], format=_infer_format(name_or_path))
-        name = Path(name_or_path.rstrip("/")).name or "corpus"
-        return _resolve(_slug(name), entry, base=Path.cwd())
+        entry = CorpusEntry(paths=[name_or_path], format="auto")
+        name = name_or_path.rstrip("/").rsplit("/", 1)[-1] or "corpus"
+        return resolve_entry(_slug(name), entry, base=Path.cwd())
     known = ", ".join(sorted(catalog.corpora)) or "none"
     raise TokenmillError(
-        f"unknown corpus '{name_or_path}': use a catalog name ({known}) or an existing file, directory or glob"
+        f"unknown corpus '{name_or_path}': use a catalog name ({known}) or an existing file, directory, glob or URL"
     )
 
 
-def _resolve(name: str, entry: CorpusEntry, base: Path) -> Corpus:
-    files = list_files(entry, base)
+def resolve_entry(name: str, entry: CorpusEntry, base: Path) -> Corpus:
+    entry = _absolute_reuse(entry, base)
+    files = list_sources(entry.paths, entry.exclude, base, where=f"corpus '{name}'")
     if not files:
         raise TokenmillError(
-            f"corpus '{name}' matched no files (paths: {', '.join(entry.paths)}); check its paths"
+            f"corpus '{name}' matched no files (paths: {', '.join(entry.paths)}); check its paths and exclude"
         )
     return Corpus(name=name, entry=entry, files=files, fingerprint=fingerprint(entry, files))
 
 
+def _absolute_reuse(entry: CorpusEntry, base: Path) -> CorpusEntry:
+    """A `tokenizer.reuse` path relative to the catalog is made absolute; a corpus name stays."""
+    reuse = entry.tokenizer.get("reuse")
+    if not isinstance(reuse, str) or is_url(reuse) or os.path.isabs(reuse):
+        return entry
+    candidate = expand(reuse, base)
+    if not os.path.exists(candidate):
+        return entry
+    return entry.model_copy(update={"tokenizer": {**entry.tokenizer, "reuse": candidate}})
+
+
 def list_files(entry: CorpusEntry, base: Path) -> list[SourceFile]:
-    """Every regular file the entry's paths match, minus excludes, sorted by path."""
-    found: set[str] = set()
-    for pattern in entry.paths:
-        expanded = os.path.expanduser(pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"]))
-        if not os.path.isabs(expanded):
-            expanded = str(base / expanded)
-        if os.path.isdir(expanded):
-            expanded = os.path.join(expanded, "**", "*")
-        for match in glob.glob(expanded, recursive=True):
-            if os.path.isfile(match):
-                found.add(os.path.abspath(match))
-    kept = [p for p in found if not any(fnmatch.fnmatch(p, ex) for ex in entry.exclude)]
-    files = []
-    for p in sorted(kept):
-        st = os.stat(p)
-        files.append(SourceFile(path=p, size=st.st_size, mtime_ns=st.st_mtime_ns))
-    return files
+    """Every file the entry's paths match, minus excludes, sorted by path."""
+    return list_sources(entry.paths, entry.exclude, base, where="corpus")
 
 
 def fingerprint(entry: CorpusEntry, files: list[SourceFile]) -> str:
-    """Changes whenever a file is added, removed, resized or touched, or the entry changes."""
+    """Changes whenever a file is added, removed, resized, touched or re-tagged, or the entry changes."""
     h = hashlib.sha256()
     h.update(json.dumps(entry.model_dump(), sort_keys=True).encode())
     for f in files:
-        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\0{f.etag}\n".encode())
     return h.hexdigest()
 
 
 def _looks_like_path(arg: str) -> bool:
+    if is_url(arg):
+        return True
     arg = os.path.expanduser(arg)
     return os.path.exists(arg) or bool(GLOB_CHARS & set(arg)) and bool(glob.glob(arg, recursive=True))
-
-
-def _infer_format(arg: str) -> Format:
-    return "jsonl" if arg.endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "text"
 
 
 def _slug(name: str) -> str:

@@ -12,6 +12,7 @@ from tasks.evaluate import evaluate_model
 from tasks.plan import plan_run_task
 from tasks.preprocess import preprocess_corpus
 from tasks.registry import register_candidate
+from tasks.summary import publish_summary
 from tasks.tracking import end_run, run_tags, start_run
 from tasks.train import train_model
 
@@ -27,28 +28,31 @@ def run_pipeline(
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
     cfg = plan.config
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address)
-    tags = run_tags(plan.corpus.fingerprint, flow_run.get_id())
+    tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id())
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:
         trained = train_model(manifest, cfg, plan.models_root, run_id)
-        metrics = evaluate_model(manifest, trained.weights, trained.gpt_config, cfg.eval, run_id)
+        evaluation = evaluate_model(manifest, trained.weights, trained.gpt_config, cfg.eval, run_id)
         registered = register_candidate(
-            run_id, trained.weights, trained.gpt_config, manifest,
-            metrics, cfg.registry.model_name, cfg.registry.min_improvement,
+            run_id, evaluation, manifest, plan.corpus.name, cfg.registry.model_name, cfg.registry.min_improvement
         )
     except BaseException:
         end_run(run_id, "FAILED")
         raise
     end_run(run_id, "FINISHED")
-    return {
+    summary = {
         "manifest": str(manifest),
         "mlflow_run_id": run_id,
         "model_name": registered.name,
         "model_version": registered.version,
         "aliases": registered.aliases,
         "decision": registered.decision,
-        **{k: v for k, v in metrics.items()},
+        "eval_set_sha256": evaluation.eval_set_sha256,
+        "generations": evaluation.samples,
+        **evaluation.metrics,
     }
+    publish_summary(summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
-"""Evaluation stage: a trained model scored on the frozen eval set of its manifest.
+"""Evaluation stage: a model scored on the frozen eval set of a manifest, plus a report.
 
-The eval set is the first `eval.max_rows` rows of the val split, identified by a sha256
-of the val shards' content, so two models compare only when they saw the same rows.
+The eval set is the first `eval.max_rows` rows of the val split, identified by a sha256 of
+the val shards' content, so two models compare only when they saw the same rows. Any model
+can be scored on any manifest built with its tokenizer (`tokenmill evaluate`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,38 +16,88 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model import GPT, GPTConfig
-from tasks import manifest as mf, tokenizer as tok
-from tasks.policy import retry_transient
+from tasks import manifest as mf, report, tokenizer as tok
+from tasks.checkpoint import weights_sha256
 from tasks.metrics import evaluate_rows, unigram_entropy
+from tasks.model_store import LocalModel, from_manifest
+from tasks.policy import retry_transient
 from tasks.shards import ShardSet
 from tasks.trainer import pick_device
-from tasks.tracking import MlflowTracker
 from tokenmill.config import EvalConfig
 from tokenmill.console import step
+from tokenmill.errors import TokenmillError
 
 
-def load_model(weights: Path, gpt_config: dict, device: torch.device) -> GPT:
+@dataclass
+class Evaluation:
+    model: LocalModel
+    metrics: dict[str, float]
+    eval_set_sha256: str
+    eval_max_rows: int
+    weights_sha256: str = ""
+    samples: list[dict[str, str]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def generations_ok(self) -> bool:
+        return report.generations_ok(self.samples)
+
+
+def load_model(weights: Path, gpt_config: dict, device: torch.device) -> tuple[GPT, str]:
+    """The model in eval mode and the sha256 of its weights (tensors in name order)."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**gpt_config))
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.to(device).eval()
+    model.load_state_dict(state)
+    return model.to(device).eval(), weights_sha256(state)
 
 
-def score(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig, device: str = "auto") -> dict[str, float | str]:
+def evaluate(manifest_path: Path, local: LocalModel, cfg: EvalConfig, device: str = "auto") -> Evaluation:
+    """Metrics on the frozen eval set and seeded sample generations for the fixed prompts."""
     manifest = json.loads(Path(manifest_path).read_text())
+    if local.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
+        raise TokenmillError(
+            f"the model's tokenizer ({local.tokenizer_sha256[:12]}) differs from the shards' "
+            f"({manifest['tokenizer']['sha256'][:12]}); evaluate on shards built with the model's tokenizer"
+        )
     dev = pick_device(device)
-    model = load_model(weights, gpt_config, dev)
+    model, weights_sha = load_model(local.weights, local.gpt_config, dev)
     val = ShardSet.open(manifest_path, "val")
-    sp = tok.load((Path(manifest_path).parent / manifest["tokenizer"]["path"]).read_bytes())
-    metrics: dict[str, float | str] = evaluate_rows(model, val, cfg.max_rows, cfg.batch_size, tok.piece_byte_lengths(sp), dev)
+    sp = tok.load(Path(local.tokenizer).read_bytes())
+    metrics = evaluate_rows(model, val, cfg.max_rows, cfg.batch_size, tok.piece_byte_lengths(sp), dev)
     metrics["val_unigram_entropy"] = unigram_entropy(val, cfg.max_rows, manifest["tokenizer"]["vocab_size"])
-    metrics["eval_set_sha256"] = mf.eval_set_sha(manifest, cfg.max_rows)
-    return metrics
+    samples = report.sample_generations(model, sp, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, dev)
+    return Evaluation(local, metrics, mf.eval_set_sha(manifest, cfg.max_rows), cfg.max_rows, weights_sha, samples)
+
+
+def loss_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    return {
+        name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
+        for name in ("train_loss", "val_loss_periodic")
+    }
 
 
 @task(name="evaluate", retries=1, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def evaluate_model(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig, run_id: str | None) -> dict:
+def evaluate_model(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig, run_id: str | None) -> Evaluation:
+    """Score the freshly trained weights, write the report beside them, log it all to the run."""
     step("evaluating on the frozen eval set")
-    metrics = score(manifest_path, weights, gpt_config, cfg)
+    local = from_manifest(weights, gpt_config, manifest_path)
+    out_dir = Path(weights).parent / "eval"
+    result = evaluate(manifest_path, local, cfg)
+    history = loss_history(run_id) if run_id else {}
+    lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
+               "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
+    result.files = report.write_report(Path(out_dir), "tokenmill evaluation", result.metrics, result.samples, lineage, history)
     if run_id:
-        MlflowTracker(run_id).log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=0)
-    return metrics
+        from mlflow import MlflowClient
+
+        from tasks.tracking import MlflowTracker
+
+        MlflowTracker(run_id).log_metrics(result.metrics, step=0)
+        client = MlflowClient()
+        for path in result.files:
+            client.log_artifact(run_id, str(path), "eval")
+        client.log_dict(run_id, {"samples": result.samples}, "eval/generations.json")
+    return result

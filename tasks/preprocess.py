@@ -2,12 +2,18 @@
 
 The output directory is named by a hash of everything that determines its content (corpus
 fingerprint, tokenizer and data settings), so a verified manifest there is a cache hit and
-preprocessing is skipped. Work runs on Dask in two passes: hash every document (for exact
-dedup across the corpus), then encode and write shards. The manifest is written last.
+preprocessing is skipped. Work runs on Dask in two passes over bounded partitions: hash
+every document (for exact dedup across the corpus), then encode and write shards. Both
+passes reuse what this directory or an earlier build of the corpus already finished (see
+tasks/incremental.py). The manifest is written last.
+
+    from tasks.preprocess import preprocess_corpus
+    manifest = preprocess_corpus.fn(corpus, cfg.tokenizer, cfg.data, Path(".tokenmill/shards"))
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -17,23 +23,26 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from data_catalog.loader import Corpus
-from tasks import encode, manifest as mf, tokenizer as tok
+from tasks import encode, incremental, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_bytes, write_json
 from tasks.cluster import dask_client
-from tasks.documents import DocRules
+from tasks.documents import DocRules, Tally
+from tasks.partitions import Partition, plan_partitions
 from tasks.policy import retry_transient
+from tasks.preprocess_report import encode_progress, summarize
 from tokenmill.config import DataConfig, TokenizerConfig
-from tokenmill.console import progress, step
+from tokenmill.console import step
 from tokenmill.errors import TokenmillError
 
 
 def doc_rules(corpus: Corpus, data: DataConfig) -> DocRules:
     e = corpus.entry
-    return DocRules(e.format, e.text_field, data.normalize, data.min_chars, data.max_chars)
+    return DocRules(e.format, e.text_field, data.normalize, data.min_chars, data.max_chars, data.on_decode_error, data.on_bad_record)
 
 
-def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path) -> Path:
-    key = mf.content_key(mf.FORMAT, corpus.fingerprint, tokenizer.model_dump(), data.model_dump())
+def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path, reuse_sha: str = "") -> Path:
+    """Named by everything that decides the content; `reuse_sha` is a reused tokenizer's sha256."""
+    key = mf.content_key(mf.FORMAT, corpus.fingerprint, tokenizer.model_dump(), data.model_dump(), reuse_sha or None)
     return Path(shards_root) / f"{corpus.name}-{key[:16]}"
 
 
@@ -45,22 +54,115 @@ def preprocess_corpus(
     data: DataConfig,
     shards_root: Path,
     dask_address: str | None = None,
+    n_workers: int | None = None,
 ) -> Path:
     """The path of a verified manifest for this corpus and config, building it if needed."""
-    out = output_dir(corpus, tokenizer, data, shards_root)
+    reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
+    out = output_dir(corpus, tokenizer, data, shards_root, sha256_file(reused) if reused else "")
     manifest_path = out / mf.MANIFEST
     if mf.verify(manifest_path):
         step(f"shards cached: {out} (verified)")
         return manifest_path
     started = time.time()
     rules = doc_rules(corpus, data)
-    tok_path, tok_sha = build_tokenizer(corpus, rules, tokenizer, data.seed, out)
-    spec = encode.EncodeSpec(rules, str(tok_path), tok_sha, data.context_len + 1, data.val_fraction, str(out))
-    parts = encode.plan_partitions([(f.path, f.size) for f in corpus.files], data.partition_bytes)
-    results = run_partitions(parts, spec, dask_address)
-    manifest = assemble_manifest(corpus, tokenizer, data, spec, results, time.time() - started)
+    parts = plan_partitions(corpus.files, rules.format, data.partition_bytes)
+    dirs = incremental.build_dirs(out, corpus.name) if data.incremental else [out]
+    workers = n_workers or min(len(parts), os.cpu_count() or 1)
+    clock = Stopwatch()
+    with dask_client(dask_address, n_workers=workers) as client:
+        clock.lap("seconds_cluster_start")
+        hashes = hash_pass(client, parts, rules, dirs)
+        require_documents(corpus, hashes)
+        clock.lap("seconds_dedup_pass")
+        tok_path, tok_sha = obtain_tokenizer(corpus, rules, tokenizer, data.seed, dirs, reused)
+        clock.lap("seconds_tokenizer")
+        spec = encode.EncodeSpec(rules, str(tok_path), tok_sha, data.context_len + 1, data.val_fraction, str(out))
+        results = encode_pass(client, parts, hashes, spec, dirs)
+        clock.lap("seconds_encode_pass")
+    manifest = assemble_manifest(corpus, tokenizer, data, spec, parts, results, time.time() - started)
+    manifest["stats"].update(clock.laps)
     write_json(manifest_path, manifest)
+    remove_stale_temp_files(out, started)
+    summarize(manifest)
     return manifest_path
+
+
+def remove_stale_temp_files(out: Path, before: float) -> None:
+    """Temp files a killed run left behind (hidden `.name.xxx.tmp`); never a file of a live writer."""
+    for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+        try:
+            if tmp.stat().st_mtime < before:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class Stopwatch:
+    """Seconds spent in each phase, for the manifest's stats."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def hash_pass(client, parts: list[Partition], rules: DocRules, dirs: list[Path]) -> list[encode.HashResult]:
+    """Every partition's document hashes: from a cache where the partition's input is unchanged."""
+    out = dirs[0]
+    done: dict[int, encode.HashResult] = {}
+    todo: list[tuple[Partition, str]] = []
+    for part in parts:
+        skey = encode.source_key(part, rules)
+        cached = incremental.find_hashes(dirs, skey)
+        if cached is not None:
+            done[part.index] = encode.load_hashes(part.index, cached)
+        else:
+            todo.append((part, str(out / encode.HASHES / f"{skey}.npz")))
+    mb = sum(p.nbytes for p, _ in todo) / 1e6
+    step(f"dedup pass: {len(todo)} of {len(parts)} partitions to read ({mb:.1f} MB) on {n_workers(client)} Dask workers")
+    if todo:
+        futures = largest_first(client, encode.hash_partition, [(p, rules, dest) for p, dest in todo])
+        for r in client.gather(futures):
+            done[r.index] = r
+    return [done[p.index] for p in parts]
+
+
+def require_documents(corpus: Corpus, hashes: list[encode.HashResult]) -> None:
+    """Stop with the reasons when nothing in the corpus survives reading and filtering."""
+    if sum(len(h.hashes) for h in hashes):
+        return
+    tally = Tally()
+    for h in hashes:
+        tally.update(h.tally)
+    why = "; ".join(f"{reason}: {text}" for reason, text in tally.problems().items()) or "every file is empty"
+    raise TokenmillError(f"corpus '{corpus.name}' has no usable documents in {len(corpus.files)} files ({why})")
+
+
+def obtain_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, dirs: list[Path],
+                     reused: Path | None) -> tuple[Path, str]:
+    """The tokenizer in the output dir: the one `reuse` names, an earlier build's, or a new one."""
+    out = dirs[0]
+    key = mf.content_key("tokenizer", cfg.model_dump(exclude={"reuse"}), rules.__dict__, seed)
+    dest = out / "tokenizer.model"
+    if reused is not None:
+        step(f"tokenizer: reusing {reused}")
+        incremental.link_or_copy(reused, dest)
+        origin = str(reused)
+    elif (found := incremental.find_tokenizer(dirs, key)) is not None:
+        step(f"tokenizer: reusing {found[0]} (same settings)")
+        incremental.link_or_copy(found[0], dest)
+        origin = str(found[0])
+    else:
+        build_tokenizer(corpus, rules, cfg, seed, out)
+        origin = "trained"
+    check_tokenizer(dest)
+    sha = sha256_file(dest)
+    incremental.record_tokenizer(out, key, sha, origin)
+    return dest, sha
 
 
 def build_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, out: Path) -> tuple[Path, str]:
@@ -72,35 +174,56 @@ def build_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed:
         )
     except ValueError as exc:
         raise TokenmillError(
-            f"tokenizer training failed ({exc}); lower tokenizer.vocab_size or use a larger corpus"
+            f"tokenizer training failed ({exc}); lower tokenizer.vocab_size or raise tokenizer.sample_bytes or use a larger corpus"
         ) from None
     path = out / "tokenizer.model"
     write_bytes(path, model)
     return path, sha256_file(path)
 
 
-def run_partitions(parts: list[encode.Partition], spec: encode.EncodeSpec, address: str | None) -> list[encode.PartitionResult]:
-    from distributed import as_completed
+def check_tokenizer(path: Path) -> None:
+    try:
+        sp = tok.load(path.read_bytes())
+    except (RuntimeError, OSError):
+        raise TokenmillError(f"{path} is not a SentencePiece model; check tokenizer.reuse") from None
+    if sp.eos_id() < 0:
+        raise TokenmillError(f"tokenizer {path} has no end-of-document id (eos); train it with eos_id set")
 
-    total_mb = sum(p.nbytes for p in parts) / 1e6
-    with dask_client(address, n_workers=min(len(parts), os.cpu_count() or 1)) as client:
-        step(f"dedup pass over {len(parts)} partitions ({total_mb:.1f} MB) on {len(client.scheduler_info()['workers'])} Dask workers")
-        hashes = client.gather(client.map(encode.hash_partition, parts, rules=spec.rules, pure=False))
-        drops = encode.find_duplicates(hashes)
-        futures = client.map(encode.encode_partition, parts, drops, spec=spec, pure=False)
-        results = []
-        with progress() as bar:
-            job = bar.add_task("encoding", total=len(parts))
-            for future in as_completed(futures):
-                results.append(future.result())
-                bar.advance(job)
+
+def encode_pass(client, parts: list[Partition], hashes: list[encode.HashResult], spec: encode.EncodeSpec,
+                dirs: list[Path]) -> list[encode.PartitionResult]:
+    """Every partition's shards: reused where the encode key matches a finished partition, else encoded."""
+    drops = encode.find_duplicates([h.hashes for h in hashes])
+    results: list[encode.PartitionResult] = []
+    todo = []
+    for part, drop in zip(parts, drops):
+        key = encode.encode_key(encode.source_key(part, spec.rules), drop, spec)
+        found = incremental.find_partition(dirs, key, part.index)
+        if found is not None:
+            results.append(found)
+        else:
+            todo.append((part, drop, key))
+    step(f"encoding {len(todo)} of {len(parts)} partitions ({len(results)} reused)")
+    futures = largest_first(client, encode.encode_partition, [(part, drop, spec, key) for part, drop, key in todo])
+    results += encode_progress(futures, {p.index: p.nbytes for p, _, _ in todo})
     return sorted(results, key=lambda r: r.index)
 
 
-def assemble_manifest(corpus, tokenizer, data, spec, results, seconds: float) -> dict:
+def largest_first(client, fn, calls: list[tuple]) -> list:
+    """Futures of fn(*call), the largest partitions scheduled first, so no big one is left for the end."""
+    return [client.submit(fn, *call, priority=call[0].nbytes, pure=False) for call in calls]
+
+
+def n_workers(client) -> int:
+    return len(client.scheduler_info()["workers"])
+
+
+def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: float) -> dict:
     stats: Counter = Counter()
+    tally = Tally()
     for r in results:
         stats.update(r.stats)
+        tally.update(Tally(Counter(r.stats), r.first))
     shards = [s for r in results for s in r.shards]
     if not any(s["split"] == "val" for s in shards):
         raise TokenmillError(
@@ -109,15 +232,27 @@ def assemble_manifest(corpus, tokenizer, data, spec, results, seconds: float) ->
     if not any(s["split"] == "train" for s in shards):
         raise TokenmillError(f"corpus '{corpus.name}' left no training rows; add data or lower data.context_len")
     sp = tok.load(Path(spec.tokenizer_path).read_bytes())
+    stats["docs_out"] = stats["docs_train"] + stats["docs_val"]
+    stats["duplicates"] = stats["dropped_duplicate"]
     stats["bytes_per_token"] = round(stats["bytes_out"] / max(1, stats["tokens"]), 4)
     stats["seconds"] = round(seconds, 2)
+    stats["seconds_in_workers"] = round(stats["seconds_in_workers"], 2)  # encoding partitions, summed
+    stats["partitions"] = len(results)
+    stats["partitions_reused"] = sum(r.reused for r in results)
+    record = json.loads((Path(spec.out_dir) / incremental.TOKENIZER_RECORD).read_text())
     return {
         "format": mf.FORMAT,
         "corpus": {"name": corpus.name, "fingerprint": corpus.fingerprint, "files": len(corpus.files), "bytes": corpus.total_bytes},
-        "tokenizer": {"path": "tokenizer.model", "sha256": spec.tokenizer_sha256, "vocab_size": sp.get_piece_size(), "eos_id": sp.eos_id()},
+        "tokenizer": {"path": "tokenizer.model", "sha256": spec.tokenizer_sha256, "vocab_size": sp.get_piece_size(),
+                      "eos_id": sp.eos_id(), "origin": record["origin"]},
         "row_len": spec.row_len,
         "dtype": str(tok.token_dtype(sp.get_piece_size())),
         "shards": shards,
+        "partitions": [
+            {"index": p.index, "key": r.key, "pieces": len(p.pieces), "bytes": p.nbytes, "reused": r.reused}
+            for p, r in zip(parts, results)
+        ],
         "config": {"tokenizer": tokenizer.model_dump(), "data": data.model_dump(), "entry": corpus.entry.model_dump()},
         "stats": dict(stats),
+        "problems": tally.problems(),
     }

@@ -1,26 +1,30 @@
-"""The only module that touches the MLflow model registry: log, register, gate, alias.
+"""The only module that touches the MLflow model registry: register, gate, promote, roll back.
 
-Registration is idempotent: a version is looked up by its candidate id (the MLflow run id)
-before a new one is created, so a retried task never makes a duplicate.
+Every candidate becomes a version with alias `challenger`, tagged with its eval metrics and
+eval-set sha. It becomes `champion` only through the pure gate in `tasks/promotion.py`; the
+champion it replaces keeps `previous-champion`. Registration is idempotent: a version is
+looked up by its candidate id (the MLflow run id) first, so a retried task never duplicates.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
+import datetime
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.evaluate import Evaluation
+from tasks.manifest import content_key
+from tasks.model_store import log_model
 from tasks.policy import retry_transient
 from tasks.promotion import Candidate, Decision, IncomparableModels, decide
 from tokenmill.console import step
+from tokenmill.errors import TokenmillError
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
-PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")  # logged as code, never pickled
-PIP_REQUIREMENTS = ["tokenmill", "torch", "sentencepiece", "numpy", "mlflow"]
 
 
 @dataclass
@@ -31,116 +35,158 @@ class Registration:
     decision: str = ""
 
 
-def model_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+def _client():
+    from mlflow import MlflowClient
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]),  # unnamed: a list of prompts or a one-column frame
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([
-            ParamSpec("mode", "string", "generate"),
-            ParamSpec("max_new_tokens", "long", 64),
-            ParamSpec("temperature", "double", 0.8),
-            ParamSpec("top_k", "long", 50),
-            ParamSpec("seed", "long", 0),
-        ]),
-    )
+    return MlflowClient()
 
 
-def existing_version(client, name: str, run_id: str):
-    for mv in client.search_model_versions(f"name='{name}'"):
-        if mv.run_id == run_id:
-            return mv
+CANDIDATE_TAG = "tokenmill.candidate_id"
+
+
+def candidate_id(evaluation: Evaluation) -> str:
+    """Names a candidate by content: the same weights scored on the same eval set."""
+    return content_key(evaluation.weights_sha256, evaluation.eval_set_sha256)
+
+
+def existing_version(client, name: str, cid: str):
+    for mv in client.search_model_versions(f"name='{name}' and tag.`{CANDIDATE_TAG}` = '{cid}'"):
+        return mv
     return None
 
 
-def champion_candidate(client, name: str) -> Candidate | None:
+def candidate(client, name: str, version: str) -> Candidate:
+    mv = client.get_model_version(name, version)
+    return Candidate(
+        str(mv.version),
+        float(mv.tags.get("val_bpb", "nan")),
+        mv.tags.get("eval_set_sha256", ""),
+        mv.tags.get("generations_ok", "true") == "true",
+    )
+
+
+def alias_version(client, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
+        return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-    return Candidate(mv.version, float(mv.tags.get("val_bpb", "nan")), mv.tags.get("eval_set_sha256", ""))
 
 
-def log_lm(run_id: str, weights: Path, tokenizer: Path, gpt_config: dict, manifest_path: Path):
-    """Log the pyfunc (as code) with weights, tokenizer and config as artifacts."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps({"gpt": gpt_config}))
-        mlflow.log_artifact(str(manifest_path), "data")
-        mlflow.log_artifact(str(tokenizer), "data")
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"weights": str(weights), "tokenizer": str(tokenizer), "config": str(config_path)},
-            signature=model_signature(),
-            pip_requirements=PIP_REQUIREMENTS,
-        )
+def aliases_of(client, name: str, version: str) -> list[str]:
+    # search_model_versions returns empty aliases on the SQL store; the registered model has them.
+    registered = client.get_registered_model(name)
+    return sorted(a for a, v in registered.aliases.items() if str(v) == str(version))
 
 
 @task(name="register", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def register_candidate(
-    run_id: str, weights: Path, gpt_config: dict, manifest_path: Path,
-    metrics: dict, model_name: str, min_improvement: float,
-) -> Registration:
-    """Register the run's model as a new version (once), then apply the promotion gate."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    mv = existing_version(client, model_name, run_id)
+def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path, corpus_name: str,
+                       model_name: str, min_improvement: float) -> Registration:
+    """Register the evaluated model as a new version (once), tag it, then apply the promotion gate."""
+    local = evaluation.model
+    cid = candidate_id(evaluation)
+    client = _client()
+    mv = existing_version(client, model_name, cid)
     if mv is None:
         step(f"registering {model_name}")
-        tokenizer = Path(manifest_path).parent / json.loads(Path(manifest_path).read_text())["tokenizer"]["path"]
-        logged = log_lm(run_id, weights, tokenizer, gpt_config, manifest_path)
+        logged = log_model(run_id, local, manifest_path, corpus_name)
         if not client.search_registered_models(f"name='{model_name}'"):
             client.create_registered_model(model_name)
-        mv = client.create_model_version(model_name, logged.model_uri, run_id=run_id)
-    tags = {k: str(v) for k, v in metrics.items() if k.startswith("val_") or k == "eval_set_sha256"}
+        mv = client.create_model_version(model_name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                                         tags={CANDIDATE_TAG: cid})
+    else:
+        step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")
+    version = str(mv.version)
+    tags = {k: str(v) for k, v in evaluation.metrics.items()}
+    tags.update(eval_set_sha256=evaluation.eval_set_sha256, weights_sha256=evaluation.weights_sha256, eval_max_rows=str(evaluation.eval_max_rows),
+                generations_ok=str(evaluation.generations_ok).lower(),
+                manifest=str(manifest_path), tokenizer_sha256=local.tokenizer_sha256)
     for key, value in tags.items():
-        client.set_model_version_tag(model_name, mv.version, key, value)
-    decision = gate(client, model_name, mv.version, metrics, min_improvement)
-    aliases = client.get_model_version(model_name, mv.version).aliases
-    registered = client.get_registered_model(model_name)
-    aliases = sorted(a for a, v in registered.aliases.items() if str(v) == str(mv.version)) or list(aliases)
-    return Registration(model_name, str(mv.version), aliases, decision.reason)
+        client.set_model_version_tag(model_name, version, key, value)
+    decision = gate(client, model_name, version, min_improvement)
+    return Registration(model_name, version, aliases_of(client, model_name, version), decision.reason)
 
 
-def gate(client, name: str, version: str, metrics: dict, min_improvement: float) -> Decision:
-    """Challenger always; champion only when the gate says so, keeping the old one as previous."""
-    challenger = Candidate(version, float(metrics["val_bpb"]), str(metrics["eval_set_sha256"]))
-    champion = champion_candidate(client, name)
-    if champion is not None and champion.version == version:
+def gate(client, name: str, version: str, min_improvement: float) -> Decision:
+    """Challenger always; champion only when the gate says so."""
+    current = alias_version(client, name, CHAMPION)
+    if current == version:
         return Decision(True, "already champion")
+    challenger = candidate(client, name, version)
+    champion = candidate(client, name, current) if current else None
     try:
         decision = decide(challenger, champion, min_improvement)
     except IncomparableModels as exc:
         decision = Decision(False, f"{exc}; not compared, so not promoted")
     client.set_registered_model_alias(name, CHALLENGER, version)
     if decision.promote:
-        if champion is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champion.version)
-        client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promotion.decision", "promoted" if decision.promote else "kept-challenger")
-    client.set_model_version_tag(name, version, "promotion.reason", decision.reason)
+        _crown(client, name, version, current)
+    _record(client, name, version, decision, "promoted" if decision.promote else "kept-challenger")
     return decision
+
+
+def _crown(client, name: str, version: str, current: str | None) -> None:
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def _record(client, name: str, version: str, decision: Decision, outcome: str) -> None:
+    client.set_model_version_tag(name, version, "promotion.decision", outcome)
+    client.set_model_version_tag(name, version, "promotion.reason", decision.reason)
+
+
+def promote(name: str, version: str, min_improvement: float, force: bool = False) -> Decision:
+    """Make `version` champion if it passes the gate against the current one (or `force`)."""
+    client = _client()
+    _require_version(client, name, version)
+    current = alias_version(client, name, CHAMPION)
+    if current == version:
+        raise TokenmillError(f"{name} v{version} is already champion")
+    if force:
+        decision = Decision(True, f"forced by a person over champion v{current}" if current else "forced by a person")
+    else:
+        champion = candidate(client, name, current) if current else None
+        try:
+            decision = decide(candidate(client, name, version), champion, min_improvement)
+        except IncomparableModels as exc:
+            raise TokenmillError(f"{exc}; re-evaluate both on one manifest, or pass --force") from None
+        if not decision.promote:
+            _record(client, name, version, decision, "kept-challenger")
+            raise TokenmillError(f"not promoted: {decision.reason}; pass --force to override")
+    _crown(client, name, version, current)
+    _record(client, name, version, decision, "promoted")
+    return decision
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Champion back to `previous-champion`; returns (demoted, restored) versions."""
+    client = _client()
+    current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+    if previous is None or current is None:
+        raise TokenmillError(f"{name} has no previous-champion to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    _record(client, name, current, Decision(False, f"rolled back to v{previous}"), "rolled-back")
+    return current, previous
+
+
+def _require_version(client, name: str, version: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise TokenmillError(f"{name} has no version {version}; see `tokenmill models`") from None
 
 
 def list_versions(name: str) -> list[tuple[str, ...]]:
     """Rows of (version, aliases, val_bpb, val_loss, decision, created) for `tokenmill models`."""
-    import datetime
-
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tokenmill.errors import TokenmillError
-
-    client = MlflowClient()
+    client = _client()
     try:
         registered = client.get_registered_model(name)
     except MlflowException:
@@ -153,7 +199,40 @@ def list_versions(name: str) -> list[tuple[str, ...]]:
         created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
         rows.append((
             str(mv.version), ", ".join(sorted(by_version.get(str(mv.version), []))),
-            mv.tags.get("val_bpb", "")[:7], mv.tags.get("val_loss", "")[:7],
+            _short(mv.tags.get("val_bpb")), _short(mv.tags.get("val_loss")),
             mv.tags.get("promotion.decision", ""), created,
         ))
     return rows
+
+
+def _short(value: str | None) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"{number:.4f}" if math.isfinite(number) else str(number)
+
+
+def recorded_eval(model_uri: str) -> tuple[str, int | None]:
+    """The manifest and eval-set size a registered version was evaluated with (its tags)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        name, _, ref = model_uri.removeprefix("models:/").partition("/")
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, ref)
+    except (MlflowException, ValueError):
+        raise TokenmillError(f"cannot resolve {model_uri}; use models:/NAME@ALIAS or models:/NAME/VERSION") from None
+    manifest = mv.tags.get("manifest")
+    if not manifest:
+        raise TokenmillError(f"{model_uri} records no manifest; pass --shards PATH/manifest.json")
+    rows = mv.tags.get("eval_max_rows")
+    return manifest, int(rows) if rows else None
+
+
+promote_task = task(name="promote", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
+                    retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(promote)

@@ -1,21 +1,25 @@
-"""Train, load and describe the SentencePiece tokenizer.
+"""Train, load, find and describe the SentencePiece tokenizer.
 
 Training reads a deterministic, bounded sample of the corpus, so its memory does not grow
 with the corpus. Normalization is the identity and no dummy prefix is added, so decoding
 gives back the exact text and every piece has an exact UTF-8 byte length (for bits/byte).
+A tokenizer can also be reused (`tokenizer.reuse`): a model file, a shards directory or
+manifest, or the name of a corpus whose latest build holds one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections import Counter
+import json
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from tasks.documents import DocRules, read_documents
+from tasks.documents import DocRules, Tally, read_documents
+from tokenmill.errors import TokenmillError
 
 SENTENCE_CHARS = 2000  # SentencePiece caps sentence length; long documents are cut at lines
 
@@ -27,9 +31,9 @@ def sample_sentences(paths: list[str], rules: DocRules, sample_bytes: int, seed:
         return hashlib.sha1(f"{seed}:{p}".encode()).hexdigest()
 
     taken = 0
-    stats: Counter = Counter()
+    tally = Tally()
     for path in sorted(paths, key=order):
-        for doc in read_documents(path, rules, stats):
+        for doc in read_documents(path, rules, tally):
             for chunk in chunk_lines(doc, SENTENCE_CHARS):
                 yield chunk
                 taken += len(chunk.encode("utf-8"))
@@ -113,3 +117,34 @@ def piece_byte_lengths(sp: spm.SentencePieceProcessor) -> np.ndarray:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def resolve_reuse(reuse: str, shards_root: Path) -> Path:
+    """The tokenizer.model that `tokenizer.reuse` names; a clear error when there is none."""
+    given = Path(reuse).expanduser()
+    if given.is_file() and given.name != "manifest.json":
+        return given
+    manifest = given / "manifest.json" if given.is_dir() else given
+    if manifest.is_file():
+        return _manifest_tokenizer(manifest)
+    builds = sorted(Path(shards_root).glob(f"{reuse}-*/manifest.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for manifest in builds:
+        try:
+            return _manifest_tokenizer(manifest)
+        except TokenmillError:
+            continue
+    raise TokenmillError(
+        f"tokenizer.reuse '{reuse}' is neither a tokenizer file, a shards directory nor a preprocessed corpus "
+        f"under {shards_root}; run `tokenmill preprocess {reuse}` first or give a tokenizer.model path"
+    )
+
+
+def _manifest_tokenizer(manifest: Path) -> Path:
+    try:
+        meta = json.loads(manifest.read_text())["tokenizer"]
+        path = manifest.parent / meta["path"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TokenmillError(f"tokenizer.reuse: {manifest} is not a tokenmill manifest") from None
+    if not path.is_file():
+        raise TokenmillError(f"tokenizer.reuse: {manifest} names {path}, which is missing; rebuild that corpus")
+    return path

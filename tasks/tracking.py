@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import tokenmill
 from tasks.policy import retry_transient
 from tokenmill.runtime import services
 
@@ -81,7 +82,9 @@ def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
+    all_tags["tokenmill.version"] = tokenmill.__version__
     run = client.create_run(ensure_experiment(experiment), tags=all_tags)
+    client.log_dict(run.info.run_id, config, "config.json")
     params = [Param(k, v) for k, v in flatten(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100], synchronous=True)
@@ -96,5 +99,11 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
 
-def run_tags(corpus_fingerprint: str, flow_run_id: str | None) -> dict[str, str]:
-    return {"tokenmill.corpus_fingerprint": corpus_fingerprint, "prefect.flow_run_id": flow_run_id or ""}
+def run_tags(corpus: str, corpus_fingerprint: str, flow_run_id: str | None) -> dict[str, str]:
+    """Lineage tags of a pipeline run; its stages all log into this one MLflow run."""
+    return {
+        "tokenmill.corpus": corpus,
+        "tokenmill.corpus_fingerprint": corpus_fingerprint,
+        "tokenmill.stages": "preprocess,train,evaluate,register",
+        "prefect.flow_run_id": flow_run_id or "",
+    }

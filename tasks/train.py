@@ -1,35 +1,76 @@
-"""Training stage: a manifest and a config in, model weights out, metrics to the run."""
+"""Training stage: a manifest and a config in, model weights out, metrics to the run.
+
+Prefect adds only policy here: retries for transient failures. A retry finds the run's own
+checkpoints in `models_root/<run_id>` and continues from the last good one.
+"""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from rich.progress import TextColumn
 
-from tasks import trainer
-from tasks.tracking import MlflowTracker
+from tasks import checkpoint, trainer
+from tasks.launch import run_training
+from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
 from tokenmill.console import progress, step
-from tokenmill.errors import TokenmillError
 
 
-@task(name="train", cache_policy=NO_CACHE)
-def train_model(manifest_path: Path, cfg: RunConfig, models_root: Path, run_id: str | None) -> trainer.TrainResult:
-    """Train a fresh model on the manifest's train split; log per-step metrics to `run_id`."""
-    out_dir = Path(models_root) / (run_id or "untracked")
-    tracker = MlflowTracker(run_id) if run_id else trainer.NullTracker()
+def run_dir(models_root: Path, run_id: str | None, task_run_id: str | None) -> tuple[Path, bool]:
+    """The run's out dir, and whether checkpoints found there are an earlier attempt to resume.
+
+    A tracked run owns `models_root/<run_id>` (and an untracked task run its own id), so
+    whatever is there was written by an earlier attempt of the same run.
+    """
+    if run_id:
+        return Path(models_root) / run_id, True
+    if task_run_id:
+        return Path(models_root) / f"untracked-{task_run_id}", True
+    return Path(models_root) / f"untracked-{uuid.uuid4().hex[:12]}", False
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+def train_model(
+    manifest_path: Path,
+    cfg: RunConfig,
+    models_root: Path,
+    run_id: str | None,
+    resume: bool = False,
+    init_from: Path | None = None,
+    init_tokenizer_sha256: str | None = None,
+    init_gpt_config: dict | None = None,
+) -> trainer.TrainResult:
+    """Train on the manifest's train split (from `init_from` weights when given); log per-step
+    metrics to `run_id`. Runs `cfg.train.nproc_per_node` ranks through torchrun when > 1."""
+    from prefect.runtime import task_run
+
+    out_dir, owned = run_dir(models_root, run_id, task_run.id)
+    warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256) if init_from else None
+    tracker = tracker_for(run_id)
     device = trainer.pick_device(cfg.train.device)
-    step(f"training on {device}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.train.max_steps} steps")
-    with progress(TextColumn("loss {task.fields[loss]}")) as bar:
-        job = bar.add_task("training", total=cfg.train.max_steps, loss="-")
-        try:
-            result = trainer.train(
-                manifest_path, cfg, out_dir, tracker,
-                on_step=lambda done, loss: bar.update(job, completed=done, loss=f"{loss:.3f}"),
-            )
-        except FloatingPointError as exc:
-            raise TokenmillError(str(exc)) from None
+    ranks = f" x {cfg.train.nproc_per_node} ranks" if cfg.train.nproc_per_node > 1 else ""
+    step(f"training on {device}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.train.max_steps} steps")
+    earlier = checkpoint.list_checkpoints(out_dir / trainer.CHECKPOINTS)
+    if earlier and (resume or owned):
+        step(f"resuming from {earlier[-1]}")
+    with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
+        job = bar.add_task("training", total=cfg.train.max_steps, loss="-", tps="-")
+        result = run_training(
+            manifest_path, cfg, out_dir, tracker,
+            on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
+            resume=resume or owned, warm=warm,
+        )
     tracker.log_metrics({"train_tokens": result.tokens, "train_seconds": result.seconds}, step=result.steps)
     return result
+
+
+def tracker_for(run_id: str | None) -> trainer.Tracker:
+    if not run_id:
+        return trainer.NullTracker()
+    from tasks.tracking import MlflowTracker
+
+    return MlflowTracker(run_id)

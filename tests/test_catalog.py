@@ -1,11 +1,15 @@
 """Tests for data_catalog/loader.py: loading the YAML catalog and resolving corpora to files."""
 
+import json
 import os
+import textwrap
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from data_catalog.loader import CorpusEntry, fingerprint, list_files, load_catalog, resolve_corpus
+from tasks.sources import file_format
 from tokenmill.errors import TokenmillError
 
 
@@ -174,21 +178,22 @@ def test_a_corpus_whose_files_are_all_excluded_errors(tmp_path):
 # --- ad-hoc corpora ------------------------------------------------------------------------
 
 
-def test_a_directory_becomes_an_ad_hoc_text_corpus(tmp_path):
+def test_a_directory_becomes_an_ad_hoc_corpus_with_the_format_inferred_per_file(tmp_path):
     write(tmp_path / "My Notes" / "a.txt", "a")
-    write(tmp_path / "My Notes" / "b" / "c.txt", "c")
+    write(tmp_path / "My Notes" / "b" / "c.jsonl.gz", "c")
     corpus = resolve_corpus(str(tmp_path / "My Notes") + "/")
     assert corpus.name == "My-Notes"
-    assert corpus.entry.format == "text"
+    assert corpus.entry.format == "auto"
+    assert [file_format(f.path, "auto") for f in corpus.files] == ["text", "jsonl"]
     assert len(corpus.files) == 2
 
 
-def test_a_jsonl_glob_becomes_an_ad_hoc_jsonl_corpus(tmp_path):
+def test_a_glob_becomes_an_ad_hoc_corpus(tmp_path):
     write(tmp_path / "d" / "a.jsonl", '{"text": "a"}\n')
     write(tmp_path / "d" / "b.jsonl", '{"text": "b"}\n')
     write(tmp_path / "d" / "c.txt", "c")
     corpus = resolve_corpus(str(tmp_path / "d" / "*.jsonl"))
-    assert corpus.entry.format == "jsonl"
+    assert corpus.entry.format == "auto"
     assert [Path(f.path).name for f in corpus.files] == ["a.jsonl", "b.jsonl"]
 
 
@@ -196,7 +201,7 @@ def test_a_single_file_becomes_an_ad_hoc_corpus(tmp_path):
     path = write(tmp_path / "dump.ndjson", '{"text": "a"}\n')
     corpus = resolve_corpus(str(path))
     assert corpus.name == "dump.ndjson"
-    assert corpus.entry.format == "jsonl"
+    assert file_format(corpus.files[0].path, corpus.entry.format) == "jsonl"
     assert [f.path for f in corpus.files] == [str(path)]
 
 
@@ -212,7 +217,6 @@ def test_a_glob_under_the_home_directory_is_an_ad_hoc_corpus(tmp_path, monkeypat
     write(tmp_path / "data" / "a.jsonl", '{"text": "a"}\n')
     monkeypatch.setenv("HOME", str(tmp_path))
     corpus = resolve_corpus("~/data/*.jsonl")
-    assert corpus.entry.format == "jsonl"
     assert [f.path for f in corpus.files] == [str(tmp_path / "data" / "a.jsonl")]
 
 
@@ -282,3 +286,149 @@ def test_fingerprint_changes_when_the_entry_changes(corpus_dir):
     as_text = fingerprint(CorpusEntry(paths=[str(corpus_dir)]), files)
     as_lines = fingerprint(CorpusEntry(paths=[str(corpus_dir)], format="lines"), files)
     assert as_text != as_lines
+
+
+# --- per-entry settings --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ("data: {val_fraction: 1.5}", "data.val_fraction"),
+        ("data: {min_char: 3}", "data.min_char"),
+        ("data: {normalize: NFD}", "data.normalize"),
+        ("data: {on_decode_error: ignore}", "data.on_decode_error"),
+        ("tokenizer: {vocab_size: 10}", "tokenizer.vocab_size"),
+        ("tokenizer: {model: bpe}", "tokenizer.model"),
+    ],
+)
+def test_bad_settings_in_an_entry_name_file_entry_and_field(tmp_path, block, field):
+    path = catalog_file(tmp_path, f"corpora:\n  books:\n    paths: [a]\n    {block}\n")
+    message = user_error(lambda: load_catalog(path))
+    assert str(path) in message and "'books'" in message and f"field '{field}'" in message
+
+
+def test_entry_settings_sit_between_preset_and_command_line(tmp_path, monkeypatch):
+    from tokenmill.plan import plan_run
+
+    write(tmp_path / "d" / "a.jsonl", '{"body": "x"}\n')
+    path = catalog_file(tmp_path, textwrap.dedent("""\
+        corpora:
+          books:
+            description: Books.
+            license: CC-BY-4.0
+            paths: [d]
+            format: jsonl
+            text_field: body
+            data: {val_fraction: 0.25, seed: 7, normalize: NFKC, min_chars: 5, max_chars: 900, context_len: 48}
+            tokenizer: {vocab_size: 2000, model_type: unigram}
+        """))
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    plan = plan_run("books", "tiny", ["data.context_len=40"], catalog=str(path))
+    data, tok = plan.config.data, plan.config.tokenizer
+    assert (data.val_fraction, data.seed, data.normalize, data.min_chars, data.max_chars) == (0.25, 7, "NFKC", 5, 900)
+    assert data.context_len == 40  # the command line beats the entry
+    assert data.partition_bytes == 200_000  # the preset fills what the entry leaves
+    assert (tok.vocab_size, tok.model_type) == (2000, "unigram")
+    assert (plan.corpus.entry.license, plan.corpus.entry.text_field) == ("CC-BY-4.0", "body")
+
+
+def test_a_reused_tokenizer_path_is_relative_to_the_catalog(tmp_path, monkeypatch):
+    write(tmp_path / "d" / "a.txt", "a")
+    write(tmp_path / "tok" / "tokenizer.model", "x")
+    path = catalog_file(tmp_path, "corpora:\n  b: {paths: [d], tokenizer: {reuse: tok/tokenizer.model}}\n"
+                                  "  c: {paths: [d], tokenizer: {reuse: b}}\n")
+    monkeypatch.chdir(tmp_path / "d")
+    assert resolve_corpus("b", path).entry.tokenizer["reuse"] == str(tmp_path / "tok" / "tokenizer.model")
+    assert resolve_corpus("c", path).entry.tokenizer["reuse"] == "b"  # a corpus name stays a name
+
+
+# --- sources -------------------------------------------------------------------------------
+
+
+def test_a_missing_plain_path_is_named(tmp_path):
+    write(tmp_path / "d" / "a.txt", "a")
+    path = catalog_file(tmp_path, "corpora:\n  books: {paths: [d, nowhere/file.txt]}\n")
+    message = user_error(lambda: resolve_corpus("books", path))
+    assert "'books'" in message and "'nowhere/file.txt' does not exist" in message
+
+
+def test_fsspec_urls_list_files_with_their_size(tmp_path):
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/cat/a.jsonl": b'{"text": "a"}\n', "/cat/sub/b.txt": b"bb", "/cat/c.txt": b"ccc"})
+    path = catalog_file(tmp_path, "corpora:\n  mem: {paths: ['memory:///cat'], exclude: ['*.jsonl']}\n"
+                                  "  glob: {paths: ['memory:///cat/*.txt']}\n")
+    mem = resolve_corpus("mem", path)
+    assert [(f.path, f.size) for f in mem.files] == [("memory:///cat/c.txt", 3), ("memory:///cat/sub/b.txt", 2)]
+    assert [f.path for f in resolve_corpus("glob", path).files] == ["memory:///cat/c.txt"]
+    fs.pipe("/cat/c.txt", b"cccc")
+    assert resolve_corpus("mem", path).fingerprint != mem.fingerprint
+
+
+def test_a_url_is_an_ad_hoc_corpus_with_the_format_inferred_per_file():
+    fsspec.filesystem("memory").pipe({"/adhoc/x.jsonl": b"{}\n", "/adhoc/y.txt": b"y"})
+    corpus = resolve_corpus("memory:///adhoc")
+    assert corpus.name == "adhoc" and corpus.entry.format == "auto"
+    assert len(corpus.files) == 2
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    write(tmp_path / "d" / "a.txt", "a")
+    path = catalog_file(tmp_path, f"corpora:\n  f: {{paths: ['file://{tmp_path}/d']}}\n")
+    assert [f.path for f in resolve_corpus("f", path).files] == [str(tmp_path / "d" / "a.txt")]
+
+
+@pytest.mark.parametrize("url, expected", [("memory:///nothing/here.txt", "does not exist"),
+                                           ("nosuchproto://bucket/x", "install the fsspec backend")])
+def test_missing_and_unreachable_urls_are_named(tmp_path, url, expected):
+    path = catalog_file(tmp_path, f"corpora:\n  r: {{paths: ['{url}']}}\n")
+    message = user_error(lambda: resolve_corpus("r", path))
+    assert url in message and expected in message
+
+
+# --- the catalog commands ------------------------------------------------------------------
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from tokenmill.cli_data import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_catalog_list_and_show(tmp_path):
+    write(tmp_path / "d" / "a.txt", "alpha")
+    write(tmp_path / "d" / "b.txt", "be")
+    path = catalog_file(tmp_path, "corpora:\n  books: {paths: [d], license: MIT, description: Two books., format: lines}\n")
+    listed = cli("catalog", "list", "--catalog", str(path))
+    assert listed.exit_code == 0 and "books" in listed.stdout and "MIT" in listed.stdout and "Two books." in listed.stdout
+    shown = cli("catalog", "show", "books", "--catalog", str(path))
+    corpus = resolve_corpus("books", path)
+    assert shown.exit_code == 0
+    assert corpus.fingerprint in shown.stdout and "files        2" in shown.stdout and "bytes        7" in shown.stdout
+    assert str(tmp_path / "d" / "a.txt") in shown.stdout
+    as_json = json.loads(cli("catalog", "show", "books", "--catalog", str(path), "--json").stdout)
+    assert as_json["fingerprint"] == corpus.fingerprint and as_json["bytes"] == 7 and len(as_json["files"]) == 2
+
+
+def test_catalog_validate_reports_each_broken_entry(tmp_path):
+    write(tmp_path / "d" / "a.txt", "a")
+    good = catalog_file(tmp_path, "corpora:\n  ok: {paths: [d]}\n")
+    result = cli("catalog", "validate", str(good))
+    assert result.exit_code == 0 and "ok  ok: 1 files" in result.stdout
+    bad = write(tmp_path / "bad.yaml", "corpora:\n  ok: {paths: [d]}\n  gone: {paths: [missing.txt]}\n"
+                                       "  reuse: {paths: [d], tokenizer: {reuse: nobody}}\n")
+    result = cli("catalog", "validate", str(bad))
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2
+    assert "'gone'" in errors[0] and "'missing.txt' does not exist" in errors[0]
+    assert "'reuse'" in errors[1] and "tokenizer.reuse" in errors[1]
+
+
+def test_catalog_validate_of_a_bad_schema_is_one_error_line(tmp_path):
+    bad = catalog_file(tmp_path, "corpora:\n  x: {paths: [a], fromat: text}\n")
+    result = cli("catalog", "validate", str(bad))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: catalog {bad}: entry 'x', field 'fromat': unknown field; check the spelling"]

@@ -26,12 +26,21 @@ def pipeline_env(tmp_path_factory):
 
         first = run_pipeline(corpus="python-stdlib", preset="tiny")
         weak = run_pipeline(corpus="python-stdlib", preset="tiny", max_steps=3)
-        yield {"state": state, "first": first, "weak": weak}
+        yield {"state": state, "first": first, "weak": weak, "evaluation_of_first": _reevaluate(first)}
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _reevaluate(summary):
+    from tasks.evaluate import evaluate
+    from tasks.model_store import download_model
+    from tokenmill.config import resolve_config
+
+    model = download_model(f"models:/tokenmill-lm/{summary['model_version']}")
+    return evaluate(summary["manifest"], model, resolve_config("tiny").eval)
 
 
 def test_first_run_registers_a_champion_that_learned_context(pipeline_env):
@@ -86,3 +95,82 @@ def test_champion_loads_and_predicts_in_a_fresh_process(pipeline_env):
     assert len(result["text"]) == 2 and all(isinstance(t, str) and t for t in result["text"])
     assert len(result["df"]) == 1
     assert 0.0 < result["bpb"][0] < 16.0
+
+
+def test_run_records_lineage_artifacts_and_report(pipeline_env):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(pipeline_env["first"]["mlflow_run_id"])
+    assert run.data.tags["tokenmill.corpus"] == "python-stdlib"
+    assert len(run.data.tags["tokenmill.corpus_fingerprint"]) == 64
+    assert run.data.tags["prefect.flow_run_id"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for d in ("eval", "data") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config.json", "eval/report.md", "eval/loss_curve.png", "eval/generations.json",
+            "data/manifest.json", "data/tokenizer.model"} <= artifacts
+    datasets = run.inputs.dataset_inputs
+    assert datasets and datasets[0].dataset.name == "python-stdlib"
+    samples = pipeline_env["first"]["generations"]
+    assert len(samples) == 5 and all(s["completion"].strip() for s in samples)
+
+
+def test_registration_is_idempotent_under_a_retry(pipeline_env):
+    from mlflow import MlflowClient
+
+    from tasks.registry import register_candidate
+
+    first = pipeline_env["first"]
+    client = MlflowClient()
+    before = len(client.search_model_versions("name='tokenmill-lm'"))
+    evaluation = pipeline_env["evaluation_of_first"]
+    again = register_candidate.fn(first["mlflow_run_id"], evaluation, first["manifest"], "python-stdlib", "tokenmill-lm", 0.005)
+    assert again.version == first["model_version"]
+    assert len(client.search_model_versions("name='tokenmill-lm'")) == before
+
+
+def cli(*args: str, env_state) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENMILL_HOME": str(env_state)}
+    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_evaluate_any_version_from_the_command_line(pipeline_env):
+    out = cli("evaluate", "models:/tokenmill-lm/2", "--json", env_state=pipeline_env["state"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["val_bpb"] == pytest.approx(pipeline_env["weak"]["val_bpb"], rel=1e-6)
+    assert result["eval_set_sha256"] == pipeline_env["weak"]["eval_set_sha256"]
+
+
+def test_promote_refuses_a_worse_model_then_force_and_rollback(pipeline_env):
+    from mlflow import MlflowClient
+
+    state = pipeline_env["state"]
+    refused = cli("promote", "2", env_state=state)
+    assert refused.returncode == 2 and "not promoted" in refused.stderr and "--force" in refused.stderr
+    forced = cli("promote", "2", "--force", env_state=state)
+    assert forced.returncode == 0, forced.stderr
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("tokenmill-lm", "previous-champion").version) == "1"
+    back = cli("rollback", env_state=state)
+    assert back.returncode == 0, back.stderr
+    assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "1"
+    listing = cli("models", env_state=state)
+    assert listing.returncode == 0 and "champion" in listing.stdout + listing.stderr
+
+
+def test_each_run_leaves_a_summary_and_shard_table_in_prefect(pipeline_env):
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    def read(key: str) -> list[dict]:
+        body = {"artifacts": {"key": {"any_": [key]}}, "limit": 20}
+        response = httpx.post(f"{PREFECT_API_URL.value()}/artifacts/filter", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    summaries, tables = read("tokenmill-run-summary"), read("tokenmill-shards")
+    assert len(summaries) >= 2 and len(tables) >= 2
+    assert any("tokenmill-lm v1" in a["data"] and "val_bpb" in a["data"] for a in summaries)

@@ -83,6 +83,110 @@ def print_summary(s: dict) -> None:
 
 
 @app.command()
+def evaluate(
+    model_uri: str = typer.Argument(..., help="e.g. models:/tokenmill-lm@champion or models:/tokenmill-lm/3"),
+    shards: Optional[Path] = typer.Option(None, help="manifest.json to score on (default: the one it was trained on)."),
+    max_rows: Optional[int] = typer.Option(None, min=1, help="Rows of the eval set (default: the eval config's)."),
+    as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the metrics."),
+) -> None:
+    """Score any registered version on any manifest built with its tokenizer."""
+    with user_errors():
+        runtime.configure_env()
+        from tasks.evaluate import evaluate as run_eval
+        from tasks.model_store import download_model
+        from tasks.registry import recorded_eval
+        from tokenmill.config import EvalConfig
+        from tokenmill.console import console
+
+        try:
+            recorded_manifest, recorded_rows = recorded_eval(model_uri)
+        except TokenmillError:
+            if shards is None:
+                raise
+            recorded_manifest, recorded_rows = str(shards), None
+        manifest = shards or recorded_manifest
+        if not Path(manifest).is_file():
+            raise TokenmillError(f"manifest not found: {manifest}; pass --shards PATH/manifest.json")
+        rows = max_rows or recorded_rows
+        cfg = EvalConfig(max_rows=rows) if rows else EvalConfig()
+        result = run_eval(Path(manifest), download_model(model_uri), cfg)
+        out = {"model_uri": model_uri, "manifest": str(manifest), "eval_set_sha256": result.eval_set_sha256,
+               **result.metrics, "generations": result.samples}
+        for key in ("val_loss", "val_ppl", "val_bpb"):
+            console.print(f"  {key:<9} {result.metrics[key]:.4f}")
+        console.print(f"  eval set  {result.eval_set_sha256[:16]}")
+        if as_json:
+            sys.stdout.write(json.dumps(out) + "\n")
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="Model version to make champion."),
+    force: bool = typer.Option(False, "--force", help="Promote even if the gate says no."),
+    name: str = typer.Option("tokenmill-lm", help="Registered model name."),
+    min_improvement: float = typer.Option(0.005, help="Relative val_bpb gain the gate requires."),
+) -> None:
+    """Make VERSION champion if it beats the current one on the same eval set (or --force)."""
+    with user_errors():
+        runtime.configure_env()
+        from tasks.registry import promote as do_promote
+
+        decision = do_promote(name, version, min_improvement, force)
+        typer.echo(f"{name} v{version} is champion: {decision.reason}")
+
+
+@app.command()
+def rollback(name: str = typer.Option("tokenmill-lm", help="Registered model name.")) -> None:
+    """Move champion back to previous-champion."""
+    with user_errors():
+        runtime.configure_env()
+        from tasks.registry import rollback as do_rollback
+
+        demoted, restored = do_rollback(name)
+        typer.echo(f"{name}: champion is v{restored} again (v{demoted} rolled back)")
+
+
+@app.command("corpus-updated")
+def corpus_updated(
+    corpus: str = typer.Argument(..., help="Catalog name of the corpus that has new data."),
+    note: str = typer.Option("", help="Free text carried in the event payload."),
+) -> None:
+    """Tell the Prefect server that CORPUS has new data (triggers retrain-on-corpus-update)."""
+    with user_errors():
+        import os
+
+        from tasks.events import corpus_updated as make_event, emit
+
+        event = make_event(corpus, note)
+        emit(os.environ.get("PREFECT_API_URL"), event, os.environ.get("PREFECT_API_KEY"))
+        typer.echo(f"emitted {event['event']} for {corpus} (event id {event['id']})")
+
+
+@app.command()
+def serve(
+    corpus: str = typer.Option("python-stdlib", help="Corpus for the scheduled and triggered runs."),
+    preset: str = typer.Option("default", help="Preset for the scheduled and triggered runs."),
+    cron: str = typer.Option("0 3 * * *", help="Schedule of nightly-retrain (cron, server time zone)."),
+) -> None:
+    """Serve the three deployments from this process against PREFECT_API_URL."""
+    with user_errors():
+        import os
+
+        if not os.environ.get("PREFECT_API_URL"):
+            raise TokenmillError("serving needs a Prefect server: start `prefect server start` and set PREFECT_API_URL")
+        runtime.configure_env()
+        from tokenmill.plan import plan_run
+
+        plan_run(corpus, preset)
+        runtime.configure()
+        from flows.deployments import serve_all
+        from tasks.policy import hide_user_error_tracebacks
+
+        hide_user_error_tracebacks()
+        serve_all(corpus, preset, cron)
+
+
+@app.command()
 def models(name: str = typer.Option("tokenmill-lm", help="Registered model name.")) -> None:
     """List registered versions with their aliases and key metrics."""
     with user_errors():
@@ -96,6 +200,18 @@ def models(name: str = typer.Option("tokenmill-lm", help="Registered model name.
         for row in list_versions(name):
             table.add_row(*row)
         console.print(table)
+
+
+def _register_stage_commands() -> None:
+    from tokenmill.cli_data import catalog_app, preprocess
+    from tokenmill.cli_train import train
+
+    app.add_typer(catalog_app, name="catalog")
+    app.command("preprocess")(preprocess)
+    app.command("train")(train)
+
+
+_register_stage_commands()
 
 
 def main() -> None:

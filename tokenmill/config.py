@@ -25,6 +25,10 @@ class TokenizerConfig(Section):
     byte_fallback: bool = True
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
     sample_bytes: int = Field(8_000_000, gt=0, description="text read to train the tokenizer")
+    reuse: str | None = Field(
+        None, description="reuse a tokenizer instead of training one: a tokenizer.model file, a shards "
+        "directory or manifest.json, or the catalog name of a corpus already preprocessed",
+    )
 
 
 class DataConfig(Section):
@@ -35,6 +39,15 @@ class DataConfig(Section):
     min_chars: int = Field(1, ge=0)
     max_chars: int = Field(2_000_000, gt=0)
     partition_bytes: int = Field(4_000_000, gt=0, description="text per Dask partition")
+    on_decode_error: Literal["replace", "drop"] = Field(
+        "replace", description="a document with bytes that are not UTF-8: keep it with U+FFFD, or drop it"
+    )
+    on_bad_record: Literal["skip", "fail"] = Field(
+        "skip", description="a malformed JSON line or a record without the text field: count and skip, or stop"
+    )
+    incremental: bool = Field(
+        True, description="reuse an earlier build's tokenizer and unchanged partitions of the same corpus"
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> DataConfig:
@@ -72,11 +85,34 @@ class TrainConfig(Section):
     log_interval: int = Field(10, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     seed: int = 1337
+    tokens_per_step: int | None = Field(
+        None, ge=1, description="tokens per optimizer step; sets grad_accum from batch_size, context and ranks"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    compile: bool = Field(False, description="torch.compile the model")
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept on disk")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="how several ranks share the model")
+    nproc_per_node: int = Field(1, ge=1, description="ranks on this machine; > 1 launches torchrun")
+    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU; default: a table of GPUs")
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> TrainConfig:
+        if self.tokens_per_step is not None and self.grad_accum != 1:
+            raise ValueError("set train.tokens_per_step or train.grad_accum, not both (tokens_per_step derives grad_accum)")
+        return self
 
 
 class EvalConfig(Section):
     max_rows: int = Field(2048, ge=1, description="val rows in the frozen eval set")
     batch_size: int = Field(32, ge=1)
+    prompts: list[str] = Field(
+        ["def ", "class ", "import ", "The ", "# "], min_length=1, description="fixed prompts for sample generations"
+    )
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int = Field(50, ge=1)
+    seed: int = 1337
 
 
 class RegistryConfig(Section):

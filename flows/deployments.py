@@ -1,0 +1,46 @@
+"""The three deployments, defined once in code for `tokenmill serve` (process-based, no work
+pool) and mirrored in deploy/prefect.yaml for work-pool deployments.
+
+- nightly-retrain: a cron schedule, corpus and preset as parameters;
+- retrain-on-corpus-update: triggered by the `tokenmill.corpus.updated` event;
+- promote: run by hand.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+from flows.pipeline import run_pipeline
+from flows.promote import promote_model
+from tasks.events import CORPUS_UPDATED
+
+NIGHTLY_CRON = "0 3 * * *"
+
+
+def corpus_update_trigger() -> DeploymentEventTrigger:
+    return DeploymentEventTrigger(
+        name="corpus-updated",
+        match={"prefect.resource.id": "tokenmill.corpus.*"},
+        expect={CORPUS_UPDATED},
+        parameters={"corpus": "{{ event.payload.corpus }}"},
+    )
+
+
+def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON):
+    params = {"corpus": corpus, "preset": preset}
+    return [
+        run_pipeline.to_deployment(name="nightly-retrain", cron=cron, parameters=params, tags=["tokenmill"]),
+        run_pipeline.to_deployment(name="retrain-on-corpus-update", parameters=params,
+                                   triggers=[corpus_update_trigger()], tags=["tokenmill"]),
+        promote_model.to_deployment(name="promote", tags=["tokenmill"]),
+    ]
+
+
+def serve_all(corpus: str = "python-stdlib", preset: str = "default", cron: str | None = NIGHTLY_CRON) -> None:
+    """Register the deployments with the Prefect server and run their flow runs in this process."""
+    serve(*deployments(corpus, preset, cron), print_starting_message=True)
+
+
+if __name__ == "__main__":
+    serve_all()

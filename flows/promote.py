@@ -1,0 +1,17 @@
+"""Manual promotion as a flow, so it runs on a Prefect server with an audit trail.
+
+    tokenmill promote VERSION [--force]      # the same logic from the command line
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.registry import promote_task
+
+
+@flow(name="tokenmill-promote", log_prints=False)
+def promote_model(version: str, force: bool = False, model_name: str = "tokenmill-lm",
+                  min_improvement: float = 0.005) -> str:
+    decision = promote_task(model_name, version, min_improvement, force)
+    return decision.reason

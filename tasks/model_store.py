@@ -1,0 +1,99 @@
+"""A model on disk (weights, tokenizer, shapes) and its round trip through MLflow.
+
+The model is logged as a pyfunc *from code* (`tasks/lm_pyfunc.py`) with its weights, tokenizer
+and config as plain artifacts, so loading never unpickles anything: weights come back through
+`torch.load(weights_only=True)`. The pytorch flavor's default pt2 export was not used on
+purpose: it needs an input example, ties the artifact to one torch version's export format,
+and cannot carry the tokenizer that makes the model usable from text.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.atomic import sha256_file
+from tokenmill.errors import TokenmillError
+
+PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
+PIP_REQUIREMENTS = ["tokenmill", "torch", "sentencepiece", "numpy", "mlflow"]
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    weights: Path
+    tokenizer: Path
+    gpt_config: dict
+    tokenizer_sha256: str
+
+
+def from_manifest(weights: Path, gpt_config: dict, manifest_path: Path) -> LocalModel:
+    """The model just trained on a manifest: its tokenizer is the manifest's."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    tokenizer = Path(manifest_path).parent / manifest["tokenizer"]["path"]
+    return LocalModel(Path(weights), tokenizer, gpt_config, manifest["tokenizer"]["sha256"])
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # unnamed: a list of prompts or a one-column frame
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([
+            ParamSpec("mode", "string", "generate"),
+            ParamSpec("max_new_tokens", "long", 64),
+            ParamSpec("temperature", "double", 0.8),
+            ParamSpec("top_k", "long", 50),
+            ParamSpec("seed", "long", 0),
+        ]),
+    )
+
+
+def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: str):
+    """Log the pyfunc, the manifest and the dataset lineage into `run_id`; return the ModelInfo."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest_sha = sha256_file(manifest_path)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps({
+            "gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256, "manifest_sha256": manifest_sha,
+        }))
+        mlflow.log_artifact(str(manifest_path), "data")
+        mlflow.log_artifact(str(model.tokenizer), "data")
+        mlflow.log_artifact(str(config_path), "data")
+        dataset = MetaDataset(resolve_dataset_source(str(manifest_path)), name=corpus_name, digest=manifest_sha[:32])
+        mlflow.log_input(dataset, context="training", tags={"manifest_sha256": manifest_sha})
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"weights": str(model.weights), "tokenizer": str(model.tokenizer), "config": str(config_path)},
+            signature=model_signature(),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+
+
+def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:
+    """Fetch a registered model's weights, tokenizer and config to local disk."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
+    except MlflowException as exc:
+        raise TokenmillError(f"cannot load {model_uri}: {exc.message.splitlines()[0]}; check `tokenmill models`") from None
+    from mlflow.models import Model
+
+    try:
+        artifacts = Model.load(str(root)).flavors["python_function"]["artifacts"]
+        files = {key: root / artifacts[key]["path"] for key in ("weights", "tokenizer", "config")}
+    except (KeyError, OSError, MlflowException):
+        raise TokenmillError(f"{model_uri} is not a tokenmill model (no weights/tokenizer/config artifacts)") from None
+    config = json.loads(files["config"].read_text())
+    return LocalModel(files["weights"], files["tokenizer"], config["gpt"], config["tokenizer_sha256"])

@@ -1,0 +1,52 @@
+"""What a pipeline run leaves in Prefect's UI: a markdown summary and a table of shard stats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tokenmill.runtime import services
+
+
+def mlflow_run_link(run_id: str) -> str:
+    """A browser link when MLflow is a server, else where the run lives."""
+    uri = services().mlflow_uri
+    if uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        experiment = MlflowClient().get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"run {run_id} in {uri}"
+
+
+def summary_markdown(summary: dict, link: str) -> str:
+    rows = [
+        ("model", f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})"),
+        ("val_loss", f"{summary['val_loss']:.4f} nats/token"),
+        ("val_ppl", f"{summary['val_ppl']:.2f}"),
+        ("val_bpb", f"{summary['val_bpb']:.4f} bits/byte"),
+        ("eval set", f"`{summary['eval_set_sha256'][:16]}`"),
+        ("promotion", summary["decision"]),
+        ("shards", f"`{summary['manifest']}`"),
+        ("MLflow", link),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return f"# tokenmill run\n\n| | |\n|---|---|\n{table}\n"
+
+
+def shard_table(manifest_path: Path) -> list[dict]:
+    manifest = json.loads(Path(manifest_path).read_text())
+    return [{"shard": s["path"], "split": s["split"], "rows": s["rows"], "tokens": s["tokens"], "sha256": s["sha256"][:16]}
+            for s in manifest["shards"]]
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(summary: dict) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(summary_markdown(summary, mlflow_run_link(summary["mlflow_run_id"])),
+                             key="tokenmill-run-summary", description="metrics, model version and lineage")
+    create_table_artifact(shard_table(Path(summary["manifest"])), key="tokenmill-shards", description="shard stats")

@@ -1,0 +1,135 @@
+"""`tokenmill train`: train a GPT on a shards manifest, with no Prefect or MLflow involved.
+
+    tokenmill train --shards .tokenmill/shards/<corpus>-<key>/manifest.json --preset tiny --json
+    tokenmill train --shards M --resume                        # continue from the last checkpoint
+    tokenmill train --shards M --nproc-per-node 4              # 4 ranks on this machine (torchrun)
+    tokenmill train --shards M --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500   # on each node
+
+Progress goes to stderr; with --json the last stdout line is one JSON object of the result.
+User errors print one `error:` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tokenmill.errors import TokenmillError
+
+
+def train(
+    shards: Path = typer.Option(..., "--shards", help="The manifest.json of a shards directory."),
+    preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Override train.max_steps."),
+    set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint in --out."),
+    checkpoint_every: Optional[int] = typer.Option(None, min=0, help="Steps between checkpoints (0: only at the end)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default: auto)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: $TOKENMILL_HOME/train/<shards>-<preset>)."),
+    init_from: Optional[Path] = typer.Option(None, help="Warm-start from these weights (a finished run's model.pt)."),
+    init_tokenizer_sha256: Optional[str] = typer.Option(None, help="Tokenizer sha256 of --init-from, if no model.json is beside it."),
+    as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
+    nproc_per_node: Optional[int] = typer.Option(None, min=1, help="Ranks on this machine; > 1 launches torchrun."),
+    nnodes: int = typer.Option(1, min=1, help="Machines in the run (each runs this same command)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous when --nnodes > 1."),
+    rdzv_id: str = typer.Option("tokenmill", help="Rendezvous id shared by the nodes of one run."),
+) -> None:
+    """Train a model on SHARDS: checkpoints and weights in --out, no tracking server needed."""
+    from tokenmill.cli import user_errors  # here, so tokenmill.cli may import this module at its top
+
+    with user_errors():
+        from tokenmill.config import deep_merge, parse_assignments, resolve_config
+
+        manifest = read_manifest(shards)
+        flags = {"max_steps": max_steps, "checkpoint_every": checkpoint_every, "device": device,
+                 "compile": compile or None, "nproc_per_node": nproc_per_node}
+        overrides = deep_merge(parse_assignments(set_), {"train": {k: v for k, v in flags.items() if v is not None}})
+        cfg = resolve_config(preset, None, overrides)
+        out_dir = out or default_out(shards, preset)
+        result = run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256,
+                     nnodes, rdzv_endpoint, rdzv_id)
+        summary = report(result, out_dir)
+        if as_json:
+            sys.stdout.write(json.dumps(summary, default=str) + "\n")
+
+
+def read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        raise TokenmillError(f"shards manifest not found: {path}; pass the manifest.json of a shards directory "
+                             f"(`tokenmill run` writes them under $TOKENMILL_HOME/shards/)")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["row_len"], manifest["tokenizer"]["sha256"], manifest["shards"]  # noqa: B018
+    except (ValueError, KeyError, TypeError):
+        raise TokenmillError(f"{path} is not a shards manifest (no row_len, tokenizer or shards)") from None
+    return manifest
+
+
+def default_out(shards: Path, preset: str) -> Path:
+    from tokenmill.runtime import state_dir
+
+    return state_dir() / "train" / f"{shards.resolve().parent.name}-{preset}"
+
+
+def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256, nnodes, rdzv_endpoint, rdzv_id):
+    from rich.progress import TextColumn
+
+    from tasks import checkpoint
+    from tasks.launch import Topology, run_training
+    from tasks.trainer import CHECKPOINTS, pick_device
+    from tokenmill.console import progress, step
+
+    topology = Topology(cfg.train.nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
+    warm = checkpoint.warm_start_source(init_from, None, init_tokenizer_sha256) if init_from else None
+    earlier = checkpoint.list_checkpoints(Path(out_dir) / CHECKPOINTS)
+    if earlier and not resume:
+        raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
+                             f"continue it with --resume, or choose a new --out")
+    ranks = f" x {cfg.train.nproc_per_node * nnodes} ranks" if topology.distributed else ""
+    step(f"training on {pick_device(cfg.train.device)}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, "
+         f"context {manifest['row_len'] - 1}, {cfg.train.max_steps} steps -> {out_dir}")
+    if earlier:
+        step(f"resuming from {earlier[-1]}")
+    with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
+        job = bar.add_task("training", total=cfg.train.max_steps, loss="-", tps="-")
+        return run_training(
+            shards, cfg, out_dir, on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
+            resume=resume, warm=warm, topology=topology,
+        )
+
+
+def report(result, out_dir: Path) -> dict:
+    from tokenmill.console import console
+
+    if result is None:
+        console.print("this node's ranks are done; rank 0 runs on another node and writes the results there")
+        return {"out_dir": str(out_dir), "rank0_here": False}
+    summary = {
+        "final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None, "weights": str(result.weights),
+        "weights_sha256": result.weights_sha256, "gpt_config": result.gpt_config,
+        "resumed_from": result.resumed_from, "out_dir": str(out_dir),
+    }
+    console.print(f"[bold green]done[/]  {result.steps} steps, loss {result.final_loss:.4f}, "
+                  f"{result.tokens_per_second:,.0f} tokens/s", soft_wrap=True)
+    console.print(f"  weights     {result.weights}", soft_wrap=True)
+    console.print(f"  checkpoint  {result.checkpoint}", soft_wrap=True)
+    console.print(f"  sha256      {result.weights_sha256}", soft_wrap=True)
+    return summary
+
+
+def main() -> None:
+    """`python -m tokenmill.cli_train ...`: this one command on its own."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command("train")(train)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -24,15 +24,17 @@ def run_pipeline(
     overrides: list[str] | None = None,
     catalog: str | None = None,
     max_steps: int | None = None,
+    refresh: bool = False,
 ) -> dict:
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
     cfg = plan.config
-    manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address)
+    manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
+                                 refresh=refresh)
     tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id())
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:
-        trained = train_model(manifest, cfg, plan.models_root, run_id)
-        evaluation = evaluate_model(manifest, trained.weights, trained.gpt_config, cfg.eval, run_id)
+        trained = train_model(manifest, cfg, plan.models_root, run_id, refresh=refresh)
+        evaluation = evaluate_model(manifest, trained, cfg.eval, run_id, refresh=refresh)
         registered = register_candidate(
             run_id, evaluation, manifest, plan.corpus.name, cfg.registry.model_name, cfg.registry.min_improvement
         )

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from model import GPT, GPTConfig
-from tasks import manifest as mf, report, tokenizer as tok
+from tasks import manifest as mf, report, stage_cache, tokenizer as tok
 from tasks.checkpoint import weights_sha256
 from tasks.metrics import evaluate_rows, unigram_entropy
 from tasks.model_store import LocalModel, from_manifest
@@ -80,24 +80,43 @@ def loss_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 @task(name="evaluate", retries=1, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def evaluate_model(manifest_path: Path, weights: Path, gpt_config: dict, cfg: EvalConfig, run_id: str | None) -> Evaluation:
-    """Score the freshly trained weights, write the report beside them, log it all to the run."""
-    step("evaluating on the frozen eval set")
-    local = from_manifest(weights, gpt_config, manifest_path)
-    out_dir = Path(weights).parent / "eval"
-    result = evaluate(manifest_path, local, cfg)
-    history = loss_history(run_id) if run_id else {}
-    lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
-               "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
-    result.files = report.write_report(Path(out_dir), "tokenmill evaluation", result.metrics, result.samples, lineage, history)
+def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | None, refresh: bool = False) -> Evaluation:
+    """Score freshly trained weights (a `TrainResult`), write the report beside them, and log it
+    all to the run. A verified earlier evaluation of the same weights on the same eval set is
+    reused unless `refresh`."""
+    local = from_manifest(trained.weights, trained.gpt_config, manifest_path)
+    manifest = json.loads(Path(manifest_path).read_text())
+    key = stage_cache.eval_key(trained.weights_sha256, mf.eval_set_sha(manifest, cfg.max_rows), cfg)
+    models_root = Path(trained.weights).parent.parent
+    cached = None if refresh or not trained.weights_sha256 else stage_cache.lookup(models_root, key)
+    if cached:
+        step(f"evaluation cached (verified, key {key[:12]})")
+        result = Evaluation(local, cached["metrics"], cached["eval_set_sha256"], cached["eval_max_rows"],
+                            cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]])
+    else:
+        step("evaluating on the frozen eval set")
+        result = evaluate(manifest_path, local, cfg)
+        history = loss_history(run_id) if run_id else {}
+        lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
+                   "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
+        out_dir = Path(trained.weights).parent / f"eval-{key[:12]}"
+        result.files = report.write_report(out_dir, "tokenmill evaluation", result.metrics, result.samples, lineage, history)
+        stage_cache.store(models_root, key, result.files, {
+            "metrics": result.metrics, "eval_set_sha256": result.eval_set_sha256, "eval_max_rows": result.eval_max_rows,
+            "weights_sha256": result.weights_sha256, "samples": result.samples, "files": [str(p) for p in result.files],
+        })
     if run_id:
-        from mlflow import MlflowClient
-
-        from tasks.tracking import MlflowTracker
-
-        MlflowTracker(run_id).log_metrics(result.metrics, step=0)
-        client = MlflowClient()
-        for path in result.files:
-            client.log_artifact(run_id, str(path), "eval")
-        client.log_dict(run_id, {"samples": result.samples}, "eval/generations.json")
+        log_evaluation(run_id, result)
     return result
+
+
+def log_evaluation(run_id: str, result: Evaluation) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.tracking import MlflowTracker
+
+    MlflowTracker(run_id).log_metrics(result.metrics, step=0)
+    client = MlflowClient()
+    for path in result.files:
+        client.log_artifact(run_id, str(path), "eval")
+    client.log_dict(run_id, {"samples": result.samples}, "eval/generations.json")

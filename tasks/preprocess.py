@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,12 +56,17 @@ def preprocess_corpus(
     shards_root: Path,
     dask_address: str | None = None,
     n_workers: int | None = None,
+    refresh: bool = False,
 ) -> Path:
-    """The path of a verified manifest for this corpus and config, building it if needed."""
+    """The path of a verified manifest for this corpus and config, building it if needed;
+    `refresh` discards an earlier build and recomputes everything."""
     reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
     out = output_dir(corpus, tokenizer, data, shards_root, sha256_file(reused) if reused else "")
     manifest_path = out / mf.MANIFEST
-    if mf.verify(manifest_path):
+    if refresh:
+        shutil.rmtree(out, ignore_errors=True)
+        data = data.model_copy(update={"incremental": False})
+    elif mf.verify(manifest_path):
         step(f"shards cached: {out} (verified)")
         return manifest_path
     started = time.time()

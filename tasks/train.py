@@ -6,6 +6,7 @@ checkpoints in `models_root/<run_id>` and continues from the last good one.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from rich.progress import TextColumn
 
-from tasks import checkpoint, trainer
+from tasks import checkpoint, stage_cache, trainer
 from tasks.launch import run_training
 from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
@@ -43,14 +44,19 @@ def train_model(
     init_from: Path | None = None,
     init_tokenizer_sha256: str | None = None,
     init_gpt_config: dict | None = None,
+    refresh: bool = False,
 ) -> trainer.TrainResult:
     """Train on the manifest's train split (from `init_from` weights when given); log per-step
-    metrics to `run_id`. Runs `cfg.train.nproc_per_node` ranks through torchrun when > 1."""
+    metrics to `run_id`. Runs `cfg.train.nproc_per_node` ranks through torchrun when > 1.
+    A verified earlier result for the same inputs is reused unless `refresh`."""
     from prefect.runtime import task_run
 
+    key = stage_cache.train_key(manifest_path, cfg, init_from)
+    tracker = RecordingTracker(tracker_for(run_id))
+    if not refresh and (cached := reuse_training(models_root, key, tracker)):
+        return cached
     out_dir, owned = run_dir(models_root, run_id, task_run.id)
     warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256) if init_from else None
-    tracker = tracker_for(run_id)
     device = trainer.pick_device(cfg.train.device)
     ranks = f" x {cfg.train.nproc_per_node} ranks" if cfg.train.nproc_per_node > 1 else ""
     step(f"training on {device}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.train.max_steps} steps")
@@ -65,7 +71,34 @@ def train_model(
             resume=resume or owned, warm=warm,
         )
     tracker.log_metrics({"train_tokens": result.tokens, "train_seconds": result.seconds}, step=result.steps)
+    value = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
+    stage_cache.store(models_root, key, [result.weights], {"result": value, "history": tracker.history})
     return result
+
+
+class RecordingTracker:
+    """Passes metrics on and keeps them, so a cached result can replay its curves into a new run."""
+
+    def __init__(self, inner: trainer.Tracker):
+        self.inner, self.history = inner, []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.history.append([step, {k: float(v) for k, v in metrics.items()}])
+        self.inner.log_metrics(metrics, step)
+
+
+def reuse_training(models_root: Path, key: str, tracker: RecordingTracker) -> trainer.TrainResult | None:
+    """The stored result when its weights still match; its metric history goes to `tracker`."""
+    value = stage_cache.lookup(models_root, key)
+    if value is None:
+        return None
+    fields = value["result"]
+    for name in ("weights", "checkpoint"):
+        fields[name] = Path(fields[name]) if fields.get(name) else None
+    step(f"training cached: {fields['weights']} (verified, key {key[:12]})")
+    for step_no, metrics in value["history"]:
+        tracker.log_metrics(metrics, step=step_no)
+    return trainer.TrainResult(**fields)
 
 
 def tracker_for(run_id: str | None) -> trainer.Tracker:

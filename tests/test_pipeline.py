@@ -26,7 +26,8 @@ def pipeline_env(tmp_path_factory):
 
         first = run_pipeline(corpus="python-stdlib", preset="tiny")
         weak = run_pipeline(corpus="python-stdlib", preset="tiny", max_steps=3)
-        yield {"state": state, "first": first, "weak": weak, "evaluation_of_first": _reevaluate(first)}
+        again = run_pipeline(corpus="python-stdlib", preset="tiny")
+        yield {"state": state, "first": first, "weak": weak, "again": again, "evaluation_of_first": _reevaluate(first)}
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -174,3 +175,18 @@ def test_each_run_leaves_a_summary_and_shard_table_in_prefect(pipeline_env):
     summaries, tables = read("tokenmill-run-summary"), read("tokenmill-shards")
     assert len(summaries) >= 2 and len(tables) >= 2
     assert any("tokenmill-lm v1" in a["data"] and "val_bpb" in a["data"] for a in summaries)
+
+
+def test_unchanged_inputs_reuse_every_stage_and_register_nothing_new(pipeline_env):
+    from mlflow import MlflowClient
+
+    first, again = pipeline_env["first"], pipeline_env["again"]
+    assert again["manifest"] == first["manifest"]
+    assert again["model_version"] == "1" and "champion" in again["aliases"]
+    assert again["val_bpb"] == first["val_bpb"]
+    client = MlflowClient()
+    assert len(client.search_model_versions("name='tokenmill-lm'")) == 2  # v1 and the weak v2 only
+    run = client.get_run(again["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_id != first["mlflow_run_id"]
+    # The cached run still records the training curve it reused.
+    assert len(client.get_metric_history(again["mlflow_run_id"], "train_loss")) >= 10

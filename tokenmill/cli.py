@@ -43,6 +43,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
     catalog: Optional[Path] = typer.Option(None, help="Corpus catalog YAML (default: the bundled one)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
+    refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of reusing verified outputs."),
 ) -> None:
     """Preprocess CORPUS, train, evaluate and register a model: the whole pipeline."""
     with user_errors():
@@ -58,7 +59,7 @@ def run(
 
         summary = run_pipeline(
             corpus=corpus, preset=preset, overrides=set_, catalog=str(catalog) if catalog else None,
-            max_steps=max_steps,
+            max_steps=max_steps, refresh=refresh,
         )
         print_summary(summary)
         if as_json:

@@ -77,4 +77,6 @@ def quiet_framework_noise() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*pydantic.*")
     # MLflow nags about type hints and input examples; the signature is declared on purpose.
-    warnings.filterwarnings("ignore", message=r".*(Add type hints|An input example was not provided)")
+    warnings.filterwarnings(
+        "ignore", message=r".*(Add type hints|An input example was not provided|dataset source can be interpreted)"
+    )

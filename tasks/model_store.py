@@ -69,7 +69,9 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
         mlflow.log_artifact(str(model.tokenizer), "data")
         mlflow.log_artifact(str(config_path), "data")
         dataset = MetaDataset(resolve_dataset_source(str(manifest_path)), name=corpus_name, digest=manifest_sha[:32])
-        mlflow.log_input(dataset, context="training", tags={"manifest_sha256": manifest_sha})
+        fingerprint = json.loads(Path(manifest_path).read_text())["corpus"]["fingerprint"]
+        mlflow.log_input(dataset, context="training",
+                         tags={"manifest_sha256": manifest_sha, "corpus_fingerprint": fingerprint})
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),

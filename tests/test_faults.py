@@ -2,12 +2,15 @@
 
 MLflow fails its first two calls to open a run, and the registry connection drops right
 after a version is created; Prefect's retries recover from both, and the registry still
-holds exactly one version for the candidate.
+holds exactly one version for the candidate. A Dask worker killed while it encodes a
+partition is replaced, the partition is redone, and the shards match a clean build.
 """
 
+import json
 import os
 import shutil
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,45 @@ def test_flow_recovers_from_flaky_mlflow_without_duplicates(tmp_path, small_corp
     assert [str(v.version) for v in versions] == ["1"] and summary["model_version"] == "1"
     runs = client.search_runs([client.get_experiment_by_name("tokenmill").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_a_dask_worker_killed_mid_partition_loses_and_duplicates_nothing(tmp_path):
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from data_catalog.loader import resolve_corpus
+    from tasks.preprocess import preprocess_corpus
+    from tokenmill.config import resolve_config
+
+    corpus = resolve_corpus(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))  # about 4.7 MB
+    cfg = resolve_config("tiny", overrides={"data": {"partition_bytes": 600_000, "incremental": False}})
+    clean = preprocess_corpus.fn(corpus, cfg.tokenizer, cfg.data, tmp_path / "clean", None, n_workers=1)
+
+    killed: list[str] = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+
+        def kill_a_worker_mid_partition() -> None:
+            deadline = time.time() + 120
+            while time.time() < deadline and not killed:
+                for worker, keys in client.processing().items():
+                    if any(str(k).startswith("encode_partition") for k in keys):
+                        pid = client.run(os.getpid, workers=[worker])[worker]
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(worker)
+                        return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_a_worker_mid_partition, daemon=True)
+        killer.start()
+        faulty = preprocess_corpus.fn(corpus, cfg.tokenizer, cfg.data, tmp_path / "faulty", cluster.scheduler_address)
+        killer.join(timeout=5)
+
+    assert killed, "no worker was caught mid-partition"
+    clean_manifest, faulty_manifest = (json.loads(Path(p).read_text()) for p in (clean, faulty))
+    shas = lambda m: [(s["path"], s["rows"], s["sha256"]) for s in m["shards"]]  # noqa: E731
+    assert shas(faulty_manifest) == shas(clean_manifest)
+    assert faulty_manifest["stats"]["tokens"] == clean_manifest["stats"]["tokens"]
+    assert not list(Path(faulty).parent.glob("*.tmp")) and not list(Path(faulty).parent.glob(".*.tmp"))

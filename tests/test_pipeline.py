@@ -112,6 +112,9 @@ def test_run_records_lineage_artifacts_and_report(pipeline_env):
             "data/manifest.json", "data/tokenizer.model"} <= artifacts
     datasets = run.inputs.dataset_inputs
     assert datasets and datasets[0].dataset.name == "python-stdlib"
+    lineage = {t.key: t.value for t in datasets[0].tags}
+    assert lineage["corpus_fingerprint"] == run.data.tags["tokenmill.corpus_fingerprint"]
+    assert len(lineage["manifest_sha256"]) == 64
     samples = pipeline_env["first"]["generations"]
     assert len(samples) == 5 and all(s["completion"].strip() for s in samples)
 

@@ -102,7 +102,7 @@ def test_shards_do_not_depend_on_the_number_of_workers(e2e):
 
 
 def test_incremental_reencodes_only_what_changed_and_keeps_dedup_exact(tmp_path):
-    src = make_corpus(tmp_path / "src", n=30, seed=1)
+    src = make_corpus(tmp_path / "src", n=80, seed=1)  # many partitions, whatever the tmp path hashes to
     first = json.loads(run(src, tmp_path / "shards").read_text())
     before = {p.identity for p in plan_partitions(resolve_corpus(str(src)).files, "auto", E2E_DATA.partition_bytes)}
     # a new file that repeats a document of a later partition: that partition must change too

@@ -1,7 +1,7 @@
 """The three deployments, defined once in code for `tokenmill serve` (process-based, no work
 pool) and mirrored in deploy/prefect.yaml for work-pool deployments.
 
-- nightly-retrain: a cron schedule, corpus and preset as parameters;
+- nightly-retrain: a cron schedule, corpus and preset as parameters, warm-started from the champion;
 - retrain-on-corpus-update: triggered by the `tokenmill.corpus.updated` event;
 - promote: run by hand.
 """
@@ -30,7 +30,8 @@ def corpus_update_trigger() -> DeploymentEventTrigger:
 def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON):
     params = {"corpus": corpus, "preset": preset}
     return [
-        run_pipeline.to_deployment(name="nightly-retrain", cron=cron, parameters=params, tags=["tokenmill"]),
+        run_pipeline.to_deployment(name="nightly-retrain", cron=cron, parameters={**params, "warm_start": True},
+                                   tags=["tokenmill"]),
         run_pipeline.to_deployment(name="retrain-on-corpus-update", parameters=params,
                                    triggers=[corpus_update_trigger()], tags=["tokenmill"]),
         promote_model.to_deployment(name="promote", tags=["tokenmill"]),

@@ -11,7 +11,7 @@ from prefect.runtime import flow_run
 from tasks.evaluate import evaluate_model
 from tasks.plan import plan_run_task
 from tasks.preprocess import preprocess_corpus
-from tasks.registry import register_candidate
+from tasks.registry import register_candidate, start_model_task
 from tasks.summary import publish_summary
 from tasks.tracking import end_run, run_tags, start_run
 from tasks.train import train_model
@@ -25,15 +25,18 @@ def run_pipeline(
     catalog: str | None = None,
     max_steps: int | None = None,
     refresh: bool = False,
+    init_from: str | None = None,
+    warm_start: bool = False,
 ) -> dict:
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
     cfg = plan.config
+    start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root)
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
-                                 refresh=refresh)
-    tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id())
+                                 refresh=refresh, reuse_tokenizer=start.tokenizer if start else None)
+    tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:
-        trained = train_model(manifest, cfg, plan.models_root, run_id, refresh=refresh)
+        trained = train_model(manifest, cfg, plan.models_root, run_id, refresh=refresh, init=start)
         evaluation = evaluate_model(manifest, trained, cfg.eval, run_id, refresh=refresh)
         registered = register_candidate(
             run_id, evaluation, manifest, plan.corpus.name, cfg.registry.model_name, cfg.registry.min_improvement

@@ -57,9 +57,13 @@ def preprocess_corpus(
     dask_address: str | None = None,
     n_workers: int | None = None,
     refresh: bool = False,
+    reuse_tokenizer: Path | None = None,
 ) -> Path:
     """The path of a verified manifest for this corpus and config, building it if needed;
-    `refresh` discards an earlier build and recomputes everything."""
+    `refresh` discards an earlier build and recomputes everything. `reuse_tokenizer` (a
+    tokenizer.model, e.g. the warm-start model's) takes the place of training one."""
+    if reuse_tokenizer is not None:
+        tokenizer = tokenizer.model_copy(update={"reuse": str(reuse_tokenizer)})
     reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
     out = output_dir(corpus, tokenizer, data, shards_root, sha256_file(reused) if reused else "")
     manifest_path = out / mf.MANIFEST

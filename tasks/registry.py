@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluate import Evaluation
 from tasks.manifest import content_key
-from tasks.model_store import log_model
+from tasks.model_store import LocalModel, log_model
 from tasks.policy import retry_transient
 from tasks.promotion import Candidate, Decision, IncomparableModels, decide
 from tokenmill.console import step
@@ -236,3 +236,29 @@ def recorded_eval(model_uri: str) -> tuple[str, int | None]:
 
 promote_task = task(name="promote", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
                     retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(promote)
+
+
+def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_root: Path) -> tuple[LocalModel | None, str]:
+    """The model a run continues from: `init_from` (a model URI, which must exist), or with
+    `warm_start` the current champion when there is one. Returns (model or None, what it is)."""
+    from tasks.model_store import download_model
+
+    if init_from:
+        uri = init_from
+    elif warm_start:
+        version = alias_version(_client(), model_name, CHAMPION)
+        if version is None:
+            step(f"warm start: {model_name} has no champion yet, training from scratch")
+            return None, ""
+        uri = f"models:/{model_name}/{version}"
+    else:
+        return None, ""
+    dst = Path(dst_root) / "init" / content_key(uri, datetime.datetime.now().isoformat())[:12]
+    dst.mkdir(parents=True, exist_ok=True)
+    local = download_model(uri, dst)
+    step(f"warm start from {uri}")
+    return local, uri
+
+
+start_model_task = task(name="resolve-start-model", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
+                        retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(start_model)

@@ -16,6 +16,7 @@ from rich.progress import TextColumn
 
 from tasks import checkpoint, stage_cache, trainer
 from tasks.launch import run_training
+from tasks.model_store import LocalModel
 from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
 from tokenmill.console import progress, step
@@ -45,12 +46,15 @@ def train_model(
     init_tokenizer_sha256: str | None = None,
     init_gpt_config: dict | None = None,
     refresh: bool = False,
+    init: LocalModel | None = None,
 ) -> trainer.TrainResult:
     """Train on the manifest's train split (from `init_from` weights when given); log per-step
     metrics to `run_id`. Runs `cfg.train.nproc_per_node` ranks through torchrun when > 1.
     A verified earlier result for the same inputs is reused unless `refresh`."""
     from prefect.runtime import task_run
 
+    if init is not None:  # a registered model: weights, shapes and tokenizer sha in one
+        init_from, init_gpt_config, init_tokenizer_sha256 = init.weights, init.gpt_config, init.tokenizer_sha256
     key = stage_cache.train_key(manifest_path, cfg, init_from)
     tracker = RecordingTracker(tracker_for(run_id))
     if not refresh and (cached := reuse_training(models_root, key, tracker)):

@@ -193,3 +193,20 @@ def test_unchanged_inputs_reuse_every_stage_and_register_nothing_new(pipeline_en
     assert run.info.status == "FINISHED" and run.info.run_id != first["mlflow_run_id"]
     # The cached run still records the training curve it reused.
     assert len(client.get_metric_history(again["mlflow_run_id"], "train_loss")) >= 10
+
+
+def test_warm_start_continues_from_the_champion(pipeline_env):
+    """Runs last: a scheduled retrain starts from the champion's weights and tokenizer."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import run_pipeline
+
+    warm = run_pipeline(corpus="python-stdlib", preset="tiny", warm_start=True, max_steps=10)
+    client = MlflowClient()
+    run = client.get_run(warm["mlflow_run_id"])
+    assert run.data.tags["tokenmill.init_from"] == "models:/tokenmill-lm/1"
+    first_warm = client.get_metric_history(warm["mlflow_run_id"], "train_loss")[0].value
+    first_cold = client.get_metric_history(pipeline_env["weak"]["mlflow_run_id"], "train_loss")[0].value
+    # Ten steps on from the champion start near its loss; a cold start begins near ln(vocab).
+    assert first_warm < 0.8 * first_cold
+    assert warm["eval_set_sha256"] == pipeline_env["first"]["eval_set_sha256"]

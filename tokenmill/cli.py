@@ -44,6 +44,8 @@ def run(
     catalog: Optional[Path] = typer.Option(None, help="Corpus catalog YAML (default: the bundled one)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
     refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of reusing verified outputs."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a registered model, e.g. models:/tokenmill-lm@champion."),
+    warm_start: bool = typer.Option(False, "--warm-start", help="Start from the current champion when there is one."),
 ) -> None:
     """Preprocess CORPUS, train, evaluate and register a model: the whole pipeline."""
     with user_errors():
@@ -59,7 +61,7 @@ def run(
 
         summary = run_pipeline(
             corpus=corpus, preset=preset, overrides=set_, catalog=str(catalog) if catalog else None,
-            max_steps=max_steps, refresh=refresh,
+            max_steps=max_steps, refresh=refresh, init_from=init_from, warm_start=warm_start,
         )
         print_summary(summary)
         if as_json:

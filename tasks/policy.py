@@ -33,7 +33,8 @@ class HideUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, TokenmillError)
+        # Prefect also logs the final state as text ("Finished in state Failed(... TokenmillError: ...)").
+        return not isinstance(exc, TokenmillError) and "TokenmillError" not in record.getMessage()
 
 
 def hide_user_error_tracebacks() -> None:

@@ -16,12 +16,15 @@ leaves its numbers.
     PYTHONUNBUFFERED=1 python benchmarks/gpu_train.py --out gpu.json
     python benchmarks/gpu_train.py --device cpu --preset tiny --seq 64 --steps 3 \
         --batches 2 4 --no-compile            # a smoke test without a GPU
+    python benchmarks/gpu_train.py --batches 64 --no-eager \
+        --model-file old/gpt.py --out old.json  # time an older copy of the network
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPT, config_from_preset  # noqa: E402
+from model import config_from_preset  # noqa: E402
 from tasks.shards import ShardSet, write_shard  # noqa: E402
 
 GPT2_VOCAB = 50257  # tokens are drawn from GPT-2's real vocabulary...
@@ -141,12 +144,26 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def model_module(path: Path | None):
+    """The module that defines GPT: model/gpt.py, or a copy of it given by --model-file.
+
+    A copy lets one device call time an older and a newer network side by side.
+    """
+    if path is None:
+        return sys.modules["model.gpt"]
+    spec = importlib.util.spec_from_file_location(f"bench_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(args, device: torch.device, compile_mode: str | None):
     """Model, optimizer and the callable one training step runs."""
-    cfg = config_from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq)
+    gpt = model_module(args.model_file)
+    cfg = gpt.config_from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq)
     torch.manual_seed(0)
     with torch.device(device):
-        model = GPT(cfg)
+        model = gpt.GPT(cfg)
     opt = model.configure_optimizer(0.1, 6e-4, (0.9, 0.95), device.type)
     fwd = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -314,7 +331,8 @@ def environment(device: torch.device) -> dict:
 def plan(args) -> list[tuple[str, int | None]]:
     """Work items in priority order: compiled sweep, eager at the best batch, the rest."""
     items = [("compiled", b) for b in args.batches]
-    items.insert(min(len(items), args.eager_after), ("eager", None))
+    if not args.no_eager:
+        items.insert(min(len(items), args.eager_after), ("eager", None))
     return items
 
 
@@ -336,7 +354,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-mode", default="default")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager comparison")
     p.add_argument("--profile", action="store_true", default=None)
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--model-file", type=Path, default=None,
+                   help="take GPT from this copy of model/gpt.py (default: the package's)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="start no new configuration after this many seconds")

@@ -18,6 +18,7 @@ import torch
 from mlflow.models import set_model
 
 from model import GPT, GPTConfig
+from tasks.report import complete
 
 
 class TokenmillLM(mlflow.pyfunc.PythonModel):
@@ -40,20 +41,10 @@ class TokenmillLM(mlflow.pyfunc.PythonModel):
         if params.get("mode", "generate") == "score":
             return [self._bits_per_byte(t) for t in texts]
         generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
-        return [
-            self._generate(t, int(params.get("max_new_tokens", 64)), float(params.get("temperature", 0.8)),
-                           int(params.get("top_k", 50)) or None, generator)
-            for t in texts
-        ]
-
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, top_k, generator) -> str:
-        ids = self.sp.encode(prompt) or [self.sp.eos_id()]
-        idx = torch.tensor([ids], dtype=torch.long)
-        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-        new = out[0, len(ids):].tolist()
-        if self.sp.eos_id() in new:
-            new = new[: new.index(self.sp.eos_id())]
-        return self.sp.decode(new)
+        max_new, temperature = int(params.get("max_new_tokens", 64)), float(params.get("temperature", 0.8))
+        top_k = int(params.get("top_k", 50)) or None
+        cpu = torch.device("cpu")
+        return [complete(self.model, self.sp, t, max_new, temperature, top_k, generator, cpu) for t in texts]
 
     @torch.no_grad()
     def _bits_per_byte(self, text: str) -> float:

@@ -10,21 +10,27 @@ from tasks.atomic import write_bytes, write_with
 
 
 @torch.no_grad()
+def complete(model, sp, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+             generator: torch.Generator, device: torch.device) -> str:
+    """The sampled continuation of `prompt`, cut at the first end-of-document token."""
+    eos = sp.eos_id()
+    ids = sp.encode(prompt) or [eos]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    new = out[0, len(ids):].tolist()
+    if eos in new:
+        new = new[: new.index(eos)]
+    return sp.decode(new)
+
+
 def sample_generations(model, sp, prompts: list[str], max_new_tokens: int, temperature: float,
                        top_k: int, seed: int, device: torch.device) -> list[dict[str, str]]:
-    """One seeded sample per prompt, cut at the first end-of-document token."""
+    """One seeded sample per prompt."""
     generator = torch.Generator(device=device).manual_seed(seed)
-    eos = sp.eos_id()
-    samples = []
-    for prompt in prompts:
-        ids = sp.encode(prompt) or [eos]
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-        new = out[0, len(ids):].tolist()
-        if eos in new:
-            new = new[: new.index(eos)]
-        samples.append({"prompt": prompt, "completion": sp.decode(new)})
-    return samples
+    return [
+        {"prompt": p, "completion": complete(model, sp, p, max_new_tokens, temperature, top_k, generator, device)}
+        for p in prompts
+    ]
 
 
 def generations_ok(samples: list[dict[str, str]]) -> bool:

@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from data_catalog.loader import Corpus
 from tasks import encode, incremental, manifest as mf, tokenizer as tok
@@ -42,13 +41,39 @@ def doc_rules(corpus: Corpus, data: DataConfig) -> DocRules:
 
 
 def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path, reuse_sha: str = "") -> Path:
-    """Named by everything that decides the content; `reuse_sha` is a reused tokenizer's sha256."""
-    key = mf.content_key(mf.FORMAT, corpus.fingerprint, tokenizer.model_dump(), data.model_dump(), reuse_sha or None)
+    """Named by everything that decides the content; a reused tokenizer counts by its sha256,
+    not by where its file happens to lie."""
+    settings = tokenizer.model_dump(exclude={"reuse"}) if reuse_sha else tokenizer.model_dump()
+    key = mf.content_key(mf.FORMAT, corpus.fingerprint, settings, data.model_dump(), reuse_sha or None)
     return Path(shards_root) / f"{corpus.name}-{key[:16]}"
 
 
+def resolve_output(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path,
+                   reuse_tokenizer: Path | None) -> tuple[TokenizerConfig, Path | None, Path]:
+    """The tokenizer settings in force, the tokenizer file to reuse (if any) and the output dir."""
+    if reuse_tokenizer is not None:
+        tokenizer = tokenizer.model_copy(update={"reuse": str(reuse_tokenizer)})
+    reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
+    return tokenizer, reused, output_dir(corpus, tokenizer, data, shards_root, sha256_file(reused) if reused else "")
+
+
+def verified_manifest_key(context, parameters: dict) -> str | None:
+    """Prefect cache key: the output dir and its manifest's sha256, only while every shard verifies.
+
+    A hit returns the stored manifest path without starting Dask; a missing or corrupted
+    output gives no key, so the task runs and rebuilds what is missing.
+    """
+    if parameters.get("refresh"):
+        return None
+    _, _, out = resolve_output(parameters["corpus"], parameters["tokenizer"], parameters["data"],
+                               parameters["shards_root"], parameters.get("reuse_tokenizer"))
+    manifest = out / mf.MANIFEST
+    return f"preprocess-{out.name}-{sha256_file(manifest)[:16]}" if mf.verify(manifest) else None
+
+
 @task(name="preprocess", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+      retry_condition_fn=retry_transient, cache_key_fn=verified_manifest_key, persist_result=True,
+      result_serializer="json")
 def preprocess_corpus(
     corpus: Corpus,
     tokenizer: TokenizerConfig,
@@ -62,10 +87,7 @@ def preprocess_corpus(
     """The path of a verified manifest for this corpus and config, building it if needed;
     `refresh` discards an earlier build and recomputes everything. `reuse_tokenizer` (a
     tokenizer.model, e.g. the warm-start model's) takes the place of training one."""
-    if reuse_tokenizer is not None:
-        tokenizer = tokenizer.model_copy(update={"reuse": str(reuse_tokenizer)})
-    reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
-    out = output_dir(corpus, tokenizer, data, shards_root, sha256_file(reused) if reused else "")
+    tokenizer, reused, out = resolve_output(corpus, tokenizer, data, shards_root, reuse_tokenizer)
     manifest_path = out / mf.MANIFEST
     if refresh:
         shutil.rmtree(out, ignore_errors=True)

@@ -195,6 +195,17 @@ def test_unchanged_inputs_reuse_every_stage_and_register_nothing_new(pipeline_en
     assert len(client.get_metric_history(again["mlflow_run_id"], "train_loss")) >= 10
 
 
+def test_verified_shards_show_as_a_cached_task_in_prefect(pipeline_env):
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"task_runs": {"name": {"like_": "preprocess"}}, "limit": 50}
+    response = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    states = [run["state"]["name"] for run in response.json()]
+    assert "Cached" in states  # the third run on unchanged shards never started Dask
+
+
 def test_warm_start_continues_from_the_champion(pipeline_env):
     """Runs last: a scheduled retrain starts from the champion's weights and tokenizer."""
     from mlflow import MlflowClient

@@ -213,7 +213,7 @@ def _short(value: str | None) -> str:
     return f"{number:.4f}" if math.isfinite(number) else str(number)
 
 
-def recorded_eval(model_uri: str) -> tuple[str, int | None]:
+def recorded_evaluation(model_uri: str) -> tuple[str, int | None]:
     """The manifest and eval-set size a registered version was evaluated with (its tags)."""
     from mlflow.exceptions import MlflowException
 

@@ -97,12 +97,12 @@ def evaluate(
         runtime.configure_env()
         from tasks.evaluate import evaluate as run_eval
         from tasks.model_store import download_model
-        from tasks.registry import recorded_eval
+        from tasks.registry import recorded_evaluation
         from tokenmill.config import EvalConfig
         from tokenmill.console import console
 
         try:
-            recorded_manifest, recorded_rows = recorded_eval(model_uri)
+            recorded_manifest, recorded_rows = recorded_evaluation(model_uri)
         except TokenmillError:
             if shards is None:
                 raise

@@ -89,3 +89,85 @@ class ShardSet:
         for k, (shard, local) in enumerate(zip(which, indices - self.offsets[which])):
             out[k] = self.shards[shard][local]
         return out
+
+
+# Labelled shards (task `classify`): one row per document instead of a packed stream.
+# Columns: `tokens` (fixed-size list of `max_len` ids, right-padded with PAD_ID past the
+# document's end), `length` (int32, the real tokens in the row, 1..max_len) and `label`
+# (int32, an index into the manifest's `labels`). Same file format and atomic writing as
+# token shards; the schema metadata carries tokenizer_sha256, row_len (= max_len) and split.
+LENGTH, LABEL = "length", "label"
+PAD_ID = 0
+
+
+def labelled_schema(max_len: int, dtype: np.dtype, metadata: dict[str, str]) -> pa.Schema:
+    value_type = pa.uint16() if dtype == np.uint16 else pa.int32()
+    return pa.schema(
+        [
+            pa.field(TOKENS, pa.list_(value_type, max_len), nullable=False),
+            pa.field(LENGTH, pa.int32(), nullable=False),
+            pa.field(LABEL, pa.int32(), nullable=False),
+        ],
+        metadata={k: str(v) for k, v in metadata.items()},
+    )
+
+
+def write_labelled_shard(path: Path, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
+                         metadata: dict[str, str]) -> None:
+    """Write (N, max_len) padded tokens with their lengths and label ids (not atomic by itself)."""
+    n, max_len = tokens.shape
+    if len(lengths) != n or len(labels) != n:
+        raise ValueError(f"{n} token rows but {len(lengths)} lengths and {len(labels)} labels")
+    column = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(tokens).reshape(-1)), max_len)
+    table = pa.Table.from_arrays(
+        [column, pa.array(np.asarray(lengths, np.int32)), pa.array(np.asarray(labels, np.int32))],
+        schema=labelled_schema(max_len, tokens.dtype, metadata),
+    )
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=65536)
+
+
+def read_labelled(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens (N, max_len), lengths (N,), labels (N,)) of one labelled shard, memory-mapped."""
+    tokens = read_rows(path)
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    lengths, labels = (table.column(name).to_numpy() for name in (LENGTH, LABEL))
+    return tokens, lengths, labels
+
+
+@dataclass
+class LabelledShardSet:
+    """The documents of one split of a classification manifest, addressable by a global index."""
+
+    tokens: list[np.ndarray]
+    lengths: np.ndarray
+    labels: np.ndarray
+    max_len: int
+    label_names: list[str]
+
+    @classmethod
+    def open(cls, manifest_path: Path, split: str) -> LabelledShardSet:
+        manifest = json.loads(Path(manifest_path).read_text())
+        if manifest.get("task") != "classify":
+            raise ValueError(f"{manifest_path} holds language-model shards, not labelled ones")
+        root = Path(manifest_path).parent
+        parts = [read_labelled(root / s["path"]) for s in manifest["shards"] if s["split"] == split]
+        parts = [p for p in parts if len(p[0])]
+        lengths = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int32)
+        labels = np.concatenate([p[2] for p in parts]) if parts else np.empty(0, np.int32)
+        return cls([p[0] for p in parts], lengths, labels, manifest["row_len"], list(manifest["labels"]))
+
+    def __post_init__(self) -> None:
+        self.offsets = np.cumsum([0] + [len(t) for t in self.tokens])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, lengths, labels) at global `indices`, as new writable int64 arrays."""
+        indices = np.asarray(indices)
+        out = np.empty((len(indices), self.max_len), dtype=np.int64)
+        which = np.searchsorted(self.offsets, indices, side="right") - 1
+        for k, (shard, local) in enumerate(zip(which, indices - self.offsets[which])):
+            out[k] = self.tokens[shard][local]
+        return out, self.lengths[indices].astype(np.int64), self.labels[indices].astype(np.int64)

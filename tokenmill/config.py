@@ -115,20 +115,42 @@ class EvalConfig(Section):
     seed: int = 1337
 
 
+class ClassifyConfig(Section):
+    """Settings of the text-classification task (`task: classify`)."""
+
+    max_len: int = Field(128, ge=8, description="tokens kept per document; longer ones are truncated")
+    pooling: Literal["mean", "last"] = Field(
+        "mean", description="how token states become one vector: mean over the document's tokens, or its last token"
+    )
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency (imbalanced labels)")
+
+
+DEFAULT_MODEL_NAMES = {"lm": "tokenmill-lm", "classify": "tokenmill-classifier"}
+
+
 class RegistryConfig(Section):
-    model_name: str = Field("tokenmill-lm", min_length=1)
+    model_name: str = Field("", description="registered model; default tokenmill-lm, or tokenmill-classifier for classify")
     experiment: str = Field("tokenmill", min_length=1)
-    min_improvement: float = Field(0.005, ge=0.0, description="relative val_bpb gain to promote")
+    min_improvement: float = Field(0.005, ge=0.0, description="relative gain in the gate metric (val_bpb for lm, macro_f1 for classify) to promote")
 
 
 class RunConfig(Section):
     preset: str = "default"
+    task: Literal["lm", "classify"] = Field("lm", description="lm: next-token language model; classify: text classifier")
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+
+    @model_validator(mode="after")
+    def _model_name(self) -> RunConfig:
+        if not self.registry.model_name:  # the task decides the default registered model
+            registry = self.registry.model_copy(update={"model_name": DEFAULT_MODEL_NAMES[self.task]})
+            object.__setattr__(self, "registry", registry)
+        return self
 
 
 def load_presets() -> dict[str, dict[str, Any]]:

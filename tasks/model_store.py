@@ -27,6 +27,7 @@ class LocalModel:
     tokenizer: Path
     gpt_config: dict
     tokenizer_sha256: str
+    head: dict | None = None  # classify: {"labels": [...], "pooling": "mean"|"last"}; None for a language model
 
 
 def from_manifest(weights: Path, gpt_config: dict, manifest_path: Path) -> LocalModel:

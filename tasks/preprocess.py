@@ -30,7 +30,7 @@ from tasks.documents import DocRules, Tally
 from tasks.partitions import Partition, plan_partitions
 from tasks.policy import retry_transient
 from tasks.preprocess_report import encode_progress, summarize
-from tokenmill.config import DataConfig, TokenizerConfig
+from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
 
@@ -63,8 +63,8 @@ def verified_manifest_key(context, parameters: dict) -> str | None:
     A hit returns the stored manifest path without starting Dask; a missing or corrupted
     output gives no key, so the task runs and rebuilds what is missing.
     """
-    if parameters.get("refresh"):
-        return None
+    if parameters.get("refresh") or parameters.get("classify") is not None:
+        return None  # labelled shards: preprocess_labelled checks its own verified manifest
     _, _, out = resolve_output(parameters["corpus"], parameters["tokenizer"], parameters["data"],
                                parameters["shards_root"], parameters.get("reuse_tokenizer"))
     manifest = out / mf.MANIFEST
@@ -83,10 +83,17 @@ def preprocess_corpus(
     n_workers: int | None = None,
     refresh: bool = False,
     reuse_tokenizer: Path | None = None,
+    classify: ClassifyConfig | None = None,
 ) -> Path:
     """The path of a verified manifest for this corpus and config, building it if needed;
     `refresh` discards an earlier build and recomputes everything. `reuse_tokenizer` (a
-    tokenizer.model, e.g. the warm-start model's) takes the place of training one."""
+    tokenizer.model, e.g. the warm-start model's) takes the place of training one. With
+    `classify`, the corpus is labelled and becomes one padded row per document instead."""
+    if classify is not None:
+        from tasks.preprocess_classify import preprocess_labelled  # it imports this module
+
+        return preprocess_labelled(corpus, tokenizer, data, classify, shards_root, dask_address, n_workers, refresh,
+                                   reuse_tokenizer)
     tokenizer, reused, out = resolve_output(corpus, tokenizer, data, shards_root, reuse_tokenizer)
     manifest_path = out / mf.MANIFEST
     if refresh:

@@ -1,6 +1,10 @@
 """The main flow: corpus -> shards -> trained model -> evaluation -> registered version.
 
     tokenmill run python-stdlib            # or: python -m flows.pipeline
+    tokenmill run stdlib-packages --task classify --init-from models:/tokenmill-lm@champion
+
+The task (`lm` or `classify`, from the corpus entry unless `task` overrides it) picks the
+shards, the network, the metrics and the registered model; the wiring is the same.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from tasks.preprocess import preprocess_corpus
 from tasks.registry import register_candidate, start_model_task
 from tasks.summary import publish_summary
 from tasks.tracking import end_run, run_tags, start_run
-from tasks.train import train_model
+from tasks.train import start_tokenizer, train_model
 
 
 @flow(name="tokenmill-run", log_prints=False)
@@ -27,13 +31,16 @@ def run_pipeline(
     refresh: bool = False,
     init_from: str | None = None,
     warm_start: bool = False,
+    task: str | None = None,
 ) -> dict:
+    overrides = [*(overrides or []), *([f"task={task}"] if task else [])]
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
     cfg = plan.config
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root)
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
-                                 refresh=refresh, reuse_tokenizer=start.tokenizer if start else None)
-    tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri)
+                                 refresh=refresh, reuse_tokenizer=start_tokenizer(start, cfg, plan.shards_root, start_uri),
+                                 classify=cfg.classify if cfg.task == "classify" else None)
+    tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri, cfg.task)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:
         trained = train_model(manifest, cfg, plan.models_root, run_id, refresh=refresh, init=start)
@@ -46,6 +53,7 @@ def run_pipeline(
         raise
     end_run(run_id, "FINISHED")
     summary = {
+        "task": cfg.task,
         "manifest": str(manifest),
         "mlflow_run_id": run_id,
         "model_name": registered.name,
@@ -56,6 +64,10 @@ def run_pipeline(
         "generations": evaluation.samples,
         **evaluation.metrics,
     }
+    if start_uri:
+        summary["init_from"] = start_uri
+    if evaluation.model.head:
+        summary["labels"] = list(evaluation.model.head["labels"])
     publish_summary(summary)
     return summary
 

@@ -1,7 +1,8 @@
-"""A model on disk (weights, tokenizer, shapes) and its round trip through MLflow.
+"""A model on disk (weights, tokenizer, shapes, classification head) and its round trip through MLflow.
 
-The model is logged as a pyfunc *from code* (`tasks/lm_pyfunc.py`) with its weights, tokenizer
-and config as plain artifacts, so loading never unpickles anything: weights come back through
+The model is logged as a pyfunc *from code* (`tasks/lm_pyfunc.py` for a language model,
+`tasks/classifier_pyfunc.py` for a classifier) with its weights, tokenizer and config as plain
+artifacts, so loading never unpickles anything: weights come back through
 `torch.load(weights_only=True)`. The pytorch flavor's default pt2 export was not used on
 purpose: it needs an input example, ties the artifact to one torch version's export format,
 and cannot carry the tokenizer that makes the model usable from text.
@@ -18,6 +19,7 @@ from tasks.atomic import sha256_file
 from tokenmill.errors import TokenmillError
 
 PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
+CLASSIFIER_PYFUNC_CODE = Path(__file__).with_name("classifier_pyfunc.py")
 PIP_REQUIREMENTS = ["tokenmill", "torch", "sentencepiece", "numpy", "mlflow"]
 
 
@@ -30,11 +32,23 @@ class LocalModel:
     head: dict | None = None  # classify: {"labels": [...], "pooling": "mean"|"last"}; None for a language model
 
 
-def from_manifest(weights: Path, gpt_config: dict, manifest_path: Path) -> LocalModel:
-    """The model just trained on a manifest: its tokenizer is the manifest's."""
+def from_manifest(weights: Path, gpt_config: dict, manifest_path: Path, head: dict | None = None) -> LocalModel:
+    """The model just trained on a manifest: its tokenizer is the manifest's (and a classifier's
+    `head` is what training returned in `TrainResult.head`)."""
     manifest = json.loads(Path(manifest_path).read_text())
     tokenizer = Path(manifest_path).parent / manifest["tokenizer"]["path"]
-    return LocalModel(Path(weights), tokenizer, gpt_config, manifest["tokenizer"]["sha256"])
+    return LocalModel(Path(weights), tokenizer, gpt_config, manifest["tokenizer"]["sha256"], head)
+
+
+def logged_head(head: dict, manifest: dict) -> dict:
+    """The head as the classifier pyfunc needs it: labels in id order, pooling, and how texts
+    were cut and normalized in training (the manifest's row length and normalization)."""
+    labels = list(head.get("labels") or manifest.get("labels") or [])
+    if not labels:
+        raise TokenmillError("a classifier's head names no labels; train it on a classify manifest")
+    normalize = manifest.get("config", {}).get("data", {}).get("normalize", "none")
+    return {**head, "labels": labels, "n_classes": len(labels), "max_len": int(manifest["row_len"]),
+            "normalize": normalize}
 
 
 def model_signature():
@@ -54,6 +68,16 @@ def model_signature():
     )
 
 
+def classifier_signature(labels: list[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # unnamed: a list of texts or a one-column frame
+        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"p_{label}") for label in labels)]),
+    )
+
+
 def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: str):
     """Log the pyfunc, the manifest and the dataset lineage into `run_id`; return the ModelInfo."""
     import mlflow
@@ -61,23 +85,28 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
     from mlflow.data.meta_dataset import MetaDataset
 
     manifest_sha = sha256_file(manifest_path)
+    manifest = json.loads(Path(manifest_path).read_text())
+    config = {"gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256, "manifest_sha256": manifest_sha}
+    if model.head is not None:
+        config["head"] = logged_head(model.head, manifest)
+        code, signature = CLASSIFIER_PYFUNC_CODE, classifier_signature(config["head"]["labels"])
+    else:
+        code, signature = PYFUNC_CODE, model_signature()
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps({
-            "gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256, "manifest_sha256": manifest_sha,
-        }))
+        config_path.write_text(json.dumps(config))
         mlflow.log_artifact(str(manifest_path), "data")
         mlflow.log_artifact(str(model.tokenizer), "data")
         mlflow.log_artifact(str(config_path), "data")
         dataset = MetaDataset(resolve_dataset_source(str(manifest_path)), name=corpus_name, digest=manifest_sha[:32])
-        fingerprint = json.loads(Path(manifest_path).read_text())["corpus"]["fingerprint"]
+        fingerprint = manifest["corpus"]["fingerprint"]
         mlflow.log_input(dataset, context="training",
                          tags={"manifest_sha256": manifest_sha, "corpus_fingerprint": fingerprint})
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(PYFUNC_CODE),
+            python_model=str(code),
             artifacts={"weights": str(model.weights), "tokenizer": str(model.tokenizer), "config": str(config_path)},
-            signature=model_signature(),
+            signature=signature,
             pip_requirements=PIP_REQUIREMENTS,
         )
 
@@ -99,4 +128,4 @@ def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:
     except (KeyError, OSError, MlflowException):
         raise TokenmillError(f"{model_uri} is not a tokenmill model (no weights/tokenizer/config artifacts)") from None
     config = json.loads(files["config"].read_text())
-    return LocalModel(files["weights"], files["tokenizer"], config["gpt"], config["tokenizer_sha256"])
+    return LocalModel(files["weights"], files["tokenizer"], config["gpt"], config["tokenizer_sha256"], config.get("head"))

@@ -1,4 +1,10 @@
-"""The promotion gate: a pure decision on whether a challenger replaces the champion."""
+"""The promotion gate: a pure decision on whether a challenger replaces the champion.
+
+Each task has one gate metric: a language model is judged by `val_bpb` (lower is better),
+a classifier by `macro_f1` (higher is better). Two models are compared only on the same
+gate metric and the same frozen eval set, and the challenger must be strictly better by
+at least `min_improvement`, relative to the champion.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,29 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Gate:
+    metric: str
+    higher_is_better: bool
+
+
+GATES = {"lm": Gate("val_bpb", higher_is_better=False), "classify": Gate("macro_f1", higher_is_better=True)}
+GATE_BY_METRIC = {g.metric: g for g in GATES.values()}
+
+
+def gate_for(metric: str) -> Gate:
+    try:
+        return GATE_BY_METRIC[metric]
+    except KeyError:
+        raise ValueError(f"no promotion gate for metric '{metric}': use one of {', '.join(GATE_BY_METRIC)}") from None
+
+
+@dataclass(frozen=True)
 class Candidate:
     version: str
-    val_bpb: float
+    value: float  # of `metric`, on the eval set below
     eval_set_sha256: str
-    generations_ok: bool = True
+    sound: bool = True  # the task's absolute checks (a language model's sample generations are not empty)
+    metric: str = "val_bpb"
 
 
 @dataclass(frozen=True)
@@ -21,27 +45,39 @@ class Decision:
 
 
 class IncomparableModels(ValueError):
-    """The two models were scored on different eval sets."""
+    """The two models were scored on different eval sets or by different gate metrics."""
 
 
 def decide(challenger: Candidate, champion: Candidate | None, min_improvement: float) -> Decision:
-    """Promote only a sound challenger that beats the champion's val_bpb by `min_improvement` (relative)."""
-    if not math.isfinite(challenger.val_bpb):
-        return Decision(False, f"val_bpb is {challenger.val_bpb}, not a finite number")
-    if not challenger.generations_ok:
+    """Promote only a sound challenger that beats the champion's gate metric by `min_improvement` (relative)."""
+    gate, name = gate_for(challenger.metric), challenger.metric
+    if not math.isfinite(challenger.value):
+        return Decision(False, f"{name} is {challenger.value}, not a finite number")
+    if not challenger.sound:
         return Decision(False, "sample generations were empty")
     if champion is None:
         return Decision(True, "no champion yet and the absolute checks pass")
+    if champion.metric != challenger.metric:
+        raise IncomparableModels(
+            f"version {challenger.version} is gated on {challenger.metric} and champion {champion.version} on {champion.metric}"
+        )
     if champion.eval_set_sha256 != challenger.eval_set_sha256:
         raise IncomparableModels(
             f"version {challenger.version} and champion {champion.version} were evaluated on different eval sets"
         )
-    needed = champion.val_bpb * (1 - min_improvement)
-    if challenger.val_bpb <= needed:
-        gain = 1 - challenger.val_bpb / champion.val_bpb
-        return Decision(True, f"val_bpb {challenger.val_bpb:.4f} beats champion v{champion.version} ({champion.val_bpb:.4f}) by {gain:.2%}")
+    if not math.isfinite(champion.value):
+        return Decision(False, f"champion v{champion.version} has no finite {name} to compare with; promote by hand")
+    new, old = challenger.value, champion.value
+    if gate.higher_is_better:
+        needed, better, gain = old * (1 + min_improvement), new > old, (new / old - 1 if old else math.inf)
+        passes, bound = better and new >= needed, ">="
+    else:
+        needed, better, gain = old * (1 - min_improvement), new < old, 1 - new / old
+        passes, bound = better and new <= needed, "<="
+    if passes:
+        return Decision(True, f"{name} {new:.4f} beats champion v{champion.version} ({old:.4f}) by {gain:.2%}")
     return Decision(
         False,
-        f"val_bpb {challenger.val_bpb:.4f} does not beat champion v{champion.version} ({champion.val_bpb:.4f}) "
-        f"by the required {min_improvement:.2%} (needs <= {needed:.4f})",
+        f"{name} {new:.4f} does not beat champion v{champion.version} ({old:.4f}) "
+        f"by the required {min_improvement:.2%} (needs {bound} {needed:.4f}, and strictly better)",
     )

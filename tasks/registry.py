@@ -1,8 +1,9 @@
 """The only module that touches the MLflow model registry: register, gate, promote, roll back.
 
-Every candidate becomes a version with alias `challenger`, tagged with its eval metrics and
-eval-set sha. It becomes `champion` only through the pure gate in `tasks/promotion.py`; the
-champion it replaces keeps `previous-champion`. Registration is idempotent: a version is
+Every candidate becomes a version with alias `challenger`, tagged with its eval metrics, its
+eval-set sha and its task's gate metric (`gate_metric`: val_bpb for a language model, macro_f1
+for a classifier). It becomes `champion` only through the pure gate in `tasks/promotion.py`;
+the champion it replaces keeps `previous-champion`. Registration is idempotent: a version is
 looked up by its candidate id (the MLflow run id) first, so a retried task never duplicates.
 """
 
@@ -20,7 +21,7 @@ from tasks.evaluate import Evaluation
 from tasks.manifest import content_key
 from tasks.model_store import LocalModel, log_model
 from tasks.policy import retry_transient
-from tasks.promotion import Candidate, Decision, IncomparableModels, decide
+from tasks.promotion import GATES, Candidate, Decision, IncomparableModels, decide
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
 
@@ -42,6 +43,9 @@ def _client():
 
 
 CANDIDATE_TAG = "tokenmill.candidate_id"
+GATE_TAG = "gate_metric"
+# The metric columns of `tokenmill models`, by gate metric.
+LISTED_METRICS = {"val_bpb": ("val_bpb", "val_loss"), "macro_f1": ("macro_f1", "accuracy")}
 
 
 def candidate_id(evaluation: Evaluation) -> str:
@@ -57,12 +61,21 @@ def existing_version(client, name: str, cid: str):
 
 def candidate(client, name: str, version: str) -> Candidate:
     mv = client.get_model_version(name, version)
+    metric = mv.tags.get(GATE_TAG, GATES["lm"].metric)  # versions registered before the tag were all language models
     return Candidate(
         str(mv.version),
-        float(mv.tags.get("val_bpb", "nan")),
+        _number(mv.tags.get(metric)),
         mv.tags.get("eval_set_sha256", ""),
         mv.tags.get("generations_ok", "true") == "true",
+        metric,
     )
+
+
+def _number(value: str | None) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
@@ -99,14 +112,24 @@ def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path,
     else:
         step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")
     version = str(mv.version)
-    tags = {k: str(v) for k, v in evaluation.metrics.items()}
-    tags.update(eval_set_sha256=evaluation.eval_set_sha256, weights_sha256=evaluation.weights_sha256, eval_max_rows=str(evaluation.eval_max_rows),
-                generations_ok=str(evaluation.generations_ok).lower(),
-                manifest=str(manifest_path), tokenizer_sha256=local.tokenizer_sha256)
-    for key, value in tags.items():
+    for key, value in version_tags(evaluation, manifest_path).items():
         client.set_model_version_tag(model_name, version, key, value)
     decision = gate(client, model_name, version, min_improvement)
     return Registration(model_name, version, aliases_of(client, model_name, version), decision.reason)
+
+
+def version_tags(evaluation: Evaluation, manifest_path: Path) -> dict[str, str]:
+    """What a version records for the gate and for `tokenmill models`: its task, gate metric,
+    headline metrics (per-class ones stay on the run) and what it was scored on."""
+    task = getattr(evaluation, "task", "lm")
+    tags = {k: str(v) for k, v in evaluation.metrics.items() if "." not in k}
+    tags.update(task=task, eval_set_sha256=evaluation.eval_set_sha256, weights_sha256=evaluation.weights_sha256,
+                eval_max_rows=str(evaluation.eval_max_rows), manifest=str(manifest_path),
+                tokenizer_sha256=evaluation.model.tokenizer_sha256)
+    tags[GATE_TAG] = GATES[task].metric
+    if task == "lm":  # sample generations are a language model's absolute check
+        tags["generations_ok"] = str(evaluation.generations_ok).lower()
+    return tags
 
 
 def gate(client, name: str, version: str, min_improvement: float) -> Decision:
@@ -182,8 +205,10 @@ def _require_version(client, name: str, version: str) -> None:
         raise TokenmillError(f"{name} has no version {version}; see `tokenmill models`") from None
 
 
-def list_versions(name: str) -> list[tuple[str, ...]]:
-    """Rows of (version, aliases, val_bpb, val_loss, decision, created) for `tokenmill models`."""
+def list_versions(name: str) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Columns and rows of `tokenmill models`: version, aliases, the two headline metrics of the
+    model's gate (val_bpb, val_loss for a language model; macro_f1, accuracy for a classifier),
+    decision and creation time."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -194,15 +219,18 @@ def list_versions(name: str) -> list[tuple[str, ...]]:
     by_version: dict[str, list[str]] = {}
     for alias, version in registered.aliases.items():
         by_version.setdefault(str(version), []).append(alias)
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version))
+    gate_metric = next((mv.tags[GATE_TAG] for mv in reversed(versions) if GATE_TAG in mv.tags), GATES["lm"].metric)
+    metrics = LISTED_METRICS[gate_metric]
     rows = []
-    for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+    for mv in versions:
         created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
         rows.append((
             str(mv.version), ", ".join(sorted(by_version.get(str(mv.version), []))),
-            _short(mv.tags.get("val_bpb")), _short(mv.tags.get("val_loss")),
+            *(_short(mv.tags.get(m)) for m in metrics),
             mv.tags.get("promotion.decision", ""), created,
         ))
-    return rows
+    return ["version", "aliases", *metrics, "decision", "created"], rows
 
 
 def _short(value: str | None) -> str:

@@ -28,11 +28,14 @@ def code_version() -> str:
 
 
 def train_key(manifest_path: Path, cfg, init_from: Path | None) -> str:
-    """Training output is determined by the shards, the model and training config, the
-    starting weights and the code."""
+    """Training output is determined by the shards, the model and training config (and a
+    classifier's head settings), the starting weights and the code."""
     train = cfg.train.model_dump(exclude={"log_interval", "nproc_per_node"})
     init = sha256_file(init_from) if init_from else None
-    return content_key("train", sha256_file(manifest_path), cfg.model.model_dump(), train, init, code_version())
+    parts = [sha256_file(manifest_path), cfg.model.model_dump(), train, init, code_version()]
+    if getattr(cfg, "task", "lm") == "classify":  # a language model's key stays what it was
+        parts.append(cfg.classify.model_dump())
+    return content_key("train", *parts)
 
 
 def eval_key(weights_sha256: str, eval_set_sha256: str, eval_cfg) -> str:

@@ -22,12 +22,25 @@ def mlflow_run_link(run_id: str) -> str:
     return f"run {run_id} in {uri}"
 
 
-def summary_markdown(summary: dict, link: str) -> str:
-    rows = [
-        ("model", f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})"),
+def metric_rows(summary: dict) -> list[tuple[str, str]]:
+    """The headline metrics of the run's task."""
+    if summary.get("task") == "classify":
+        return [
+            ("val_loss", f"{summary['val_loss']:.4f} nats/document"),
+            ("accuracy", f"{summary['accuracy']:.4f}"),
+            ("macro_f1", f"{summary['macro_f1']:.4f} ({len(summary.get('labels', []))} classes)"),
+        ]
+    return [
         ("val_loss", f"{summary['val_loss']:.4f} nats/token"),
         ("val_ppl", f"{summary['val_ppl']:.2f}"),
         ("val_bpb", f"{summary['val_bpb']:.4f} bits/byte"),
+    ]
+
+
+def summary_markdown(summary: dict, link: str) -> str:
+    rows = [
+        ("model", f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})"),
+        *metric_rows(summary),
         ("eval set", f"`{summary['eval_set_sha256'][:16]}`"),
         ("promotion", summary["decision"]),
         ("shards", f"`{summary['manifest']}`"),
@@ -39,7 +52,7 @@ def summary_markdown(summary: dict, link: str) -> str:
 
 def shard_table(manifest_path: Path) -> list[dict]:
     manifest = json.loads(Path(manifest_path).read_text())
-    return [{"shard": s["path"], "split": s["split"], "rows": s["rows"], "tokens": s["tokens"], "sha256": s["sha256"][:16]}
+    return [{"shard": s["path"], "split": s["split"], "rows": s["rows"], "tokens": s.get("tokens", ""), "sha256": s["sha256"][:16]}
             for s in manifest["shards"]]
 
 

@@ -99,9 +99,11 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status=status)
 
 
-def run_tags(corpus: str, corpus_fingerprint: str, flow_run_id: str | None, init_from: str = "") -> dict[str, str]:
+def run_tags(corpus: str, corpus_fingerprint: str, flow_run_id: str | None, init_from: str = "",
+             task: str = "lm") -> dict[str, str]:
     """Lineage tags of a pipeline run; its stages all log into this one MLflow run."""
     return {
+        "tokenmill.task": task,
         "tokenmill.init_from": init_from,
         "tokenmill.corpus": corpus,
         "tokenmill.corpus_fingerprint": corpus_fingerprint,

@@ -15,11 +15,34 @@ from prefect.cache_policies import NO_CACHE
 from rich.progress import TextColumn
 
 from tasks import checkpoint, stage_cache, trainer
+from tasks.atomic import sha256_file
 from tasks.launch import run_training
 from tasks.model_store import LocalModel
 from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
 from tokenmill.console import progress, step
+from tokenmill.errors import TokenmillError
+
+
+def start_tokenizer(start: LocalModel | None, cfg: RunConfig, shards_root: Path, start_uri: str = "") -> Path | None:
+    """The tokenizer preprocessing must use: a warm start's own, since its weights only fit it.
+    A `tokenizer.reuse` naming another tokenizer is a clear error, not silently overridden."""
+    if start is None:
+        return None
+    if cfg.task == "lm" and start.head is not None:
+        raise TokenmillError(f"{start_uri or start.weights} is a classifier; a language model starts from a language "
+                             f"model or from scratch (use --task classify to continue the classifier)")
+    if cfg.tokenizer.reuse:
+        from tasks.tokenizer import resolve_reuse
+
+        asked = resolve_reuse(cfg.tokenizer.reuse, Path(shards_root))
+        if sha256_file(asked) != start.tokenizer_sha256:
+            raise TokenmillError(
+                f"cannot warm-start from {start_uri or start.weights}: its tokenizer ({start.tokenizer_sha256[:12]}) "
+                f"differs from tokenizer.reuse {cfg.tokenizer.reuse} ({sha256_file(asked)[:12]}); a warm start needs "
+                f"the same tokenizer: drop tokenizer.reuse, start from a model built with it, or train from scratch"
+            )
+    return start.tokenizer
 
 
 def run_dir(models_root: Path, run_id: str | None, task_run_id: str | None) -> tuple[Path, bool]:

@@ -1,7 +1,8 @@
 """The `tokenmill` command line.
 
     tokenmill run [CORPUS] [--preset NAME] [--max-steps N] [--set SECTION.FIELD=VALUE] [--json]
-    tokenmill models
+    tokenmill run CORPUS --task classify [--init-from models:/tokenmill-lm@champion]
+    tokenmill models [--name tokenmill-classifier]
 
 User errors print one line on stderr and exit with status 2; they never show a traceback.
 """
@@ -12,6 +13,7 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -35,6 +37,26 @@ def user_errors():
         raise typer.Exit(130) from None
 
 
+class Task(str, Enum):
+    lm = "lm"
+    classify = "classify"
+
+
+def task_override(task: Task | None) -> list[str]:
+    """`--task` as the `--set` it stands for, so it takes the place of an override in the precedence."""
+    return [f"task={task.value}"] if task else []
+
+
+def require_labels(plan) -> None:
+    """A classifier needs a labelled corpus: say which catalog fields make one, before anything is written."""
+    entry = plan.corpus.entry
+    if plan.config.task == "classify" and not (getattr(entry, "label_field", None) or getattr(entry, "label_dirs", False)):
+        raise TokenmillError(
+            f"corpus '{plan.corpus.name}' has no labels, so it cannot train a classifier: set label_field "
+            f"(JSON Lines or Parquet) or label_dirs: true (one directory per class) in its catalog entry, or use --task lm"
+        )
+
+
 @app.command()
 def run(
     corpus: str = typer.Argument("python-stdlib", help="A catalog name, or a file, directory or glob."),
@@ -46,13 +68,15 @@ def run(
     refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of reusing verified outputs."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a registered model, e.g. models:/tokenmill-lm@champion."),
     warm_start: bool = typer.Option(False, "--warm-start", help="Start from the current champion when there is one."),
+    task: Optional[Task] = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
 ) -> None:
     """Preprocess CORPUS, train, evaluate and register a model: the whole pipeline."""
     with user_errors():
         runtime.configure_env()
         from tokenmill.plan import plan_run
 
-        plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps)  # fail before writing
+        set_ = [*set_, *task_override(task)]
+        require_labels(plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps))  # fail before writing
         runtime.configure()
         from flows.pipeline import run_pipeline
         from tasks.policy import hide_user_error_tracebacks
@@ -78,9 +102,14 @@ def print_summary(s: dict) -> None:
     say("")
     say(f"[bold green]done[/]  {s['model_name']} v{s['model_version']} (aliases: {aliases})")
     say(f"  shards     {s['manifest']}")
-    say(f"  val_loss   {s['val_loss']:.4f} nats/token   (unigram baseline {s['val_unigram_entropy']:.4f})")
-    say(f"  val_ppl    {s['val_ppl']:.2f}")
-    say(f"  val_bpb    {s['val_bpb']:.4f} bits/byte")
+    if s.get("task") == "classify":
+        say(f"  val_loss   {s['val_loss']:.4f} nats/document")
+        say(f"  accuracy   {s['accuracy']:.4f}")
+        say(f"  macro_f1   {s['macro_f1']:.4f}   ({len(s.get('labels', []))} classes)")
+    else:
+        say(f"  val_loss   {s['val_loss']:.4f} nats/token   (unigram baseline {s['val_unigram_entropy']:.4f})")
+        say(f"  val_ppl    {s['val_ppl']:.2f}")
+        say(f"  val_bpb    {s['val_bpb']:.4f} bits/byte")
     say(f"  promotion  {s['decision']}")
     say(f"  champion   models:/{s['model_name']}@champion")
 
@@ -115,7 +144,8 @@ def evaluate(
         result = run_eval(Path(manifest), download_model(model_uri), cfg)
         out = {"model_uri": model_uri, "manifest": str(manifest), "eval_set_sha256": result.eval_set_sha256,
                **result.metrics, "generations": result.samples}
-        for key in ("val_loss", "val_ppl", "val_bpb"):
+        headline = ("val_loss", "accuracy", "macro_f1") if getattr(result, "task", "lm") == "classify" else ("val_loss", "val_ppl", "val_bpb")
+        for key in headline:
             console.print(f"  {key:<9} {result.metrics[key]:.4f}")
         console.print(f"  eval set  {result.eval_set_sha256[:16]}")
         if as_json:
@@ -127,7 +157,8 @@ def promote(
     version: str = typer.Argument(..., help="Model version to make champion."),
     force: bool = typer.Option(False, "--force", help="Promote even if the gate says no."),
     name: str = typer.Option("tokenmill-lm", help="Registered model name."),
-    min_improvement: float = typer.Option(0.005, help="Relative val_bpb gain the gate requires."),
+    min_improvement: float = typer.Option(0.005, help="Relative gain the gate requires in the version's gate metric "
+                                                      "(val_bpb for a language model, macro_f1 for a classifier)."),
 ) -> None:
     """Make VERSION champion if it beats the current one on the same eval set (or --force)."""
     with user_errors():
@@ -190,8 +221,8 @@ def serve(
 
 
 @app.command()
-def models(name: str = typer.Option("tokenmill-lm", help="Registered model name.")) -> None:
-    """List registered versions with their aliases and key metrics."""
+def models(name: str = typer.Option("tokenmill-lm", help="Registered model name, e.g. tokenmill-classifier.")) -> None:
+    """List registered versions with their aliases and key metrics (a classifier's macro_f1 and accuracy)."""
     with user_errors():
         runtime.configure_env()
         from rich.table import Table
@@ -199,8 +230,9 @@ def models(name: str = typer.Option("tokenmill-lm", help="Registered model name.
         from tokenmill.console import console
         from tasks.registry import list_versions
 
-        table = Table("version", "aliases", "val_bpb", "val_loss", "decision", "created")
-        for row in list_versions(name):
+        columns, rows = list_versions(name)
+        table = Table(*columns)
+        for row in rows:
             table.add_row(*row)
         console.print(table)
 

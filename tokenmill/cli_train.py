@@ -1,6 +1,7 @@
 """`tokenmill train`: train a GPT on a shards manifest, with no Prefect or MLflow involved.
 
     tokenmill train --shards .tokenmill/shards/<corpus>-<key>/manifest.json --preset tiny --json
+    tokenmill train --task classify --shards <labelled shards>/manifest.json --init-from <lm run>/model.pt
     tokenmill train --shards M --resume                        # continue from the last checkpoint
     tokenmill train --shards M --nproc-per-node 4              # 4 ranks on this machine (torchrun)
     tokenmill train --shards M --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500   # on each node
@@ -34,6 +35,7 @@ def train(
     init_from: Optional[Path] = typer.Option(None, help="Warm-start from these weights (a finished run's model.pt)."),
     init_tokenizer_sha256: Optional[str] = typer.Option(None, help="Tokenizer sha256 of --init-from, if no model.json is beside it."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
+    task: Optional[str] = typer.Option(None, "--task", help="lm or classify (default: the task the shards were built for)."),
     nproc_per_node: Optional[int] = typer.Option(None, min=1, help="Ranks on this machine; > 1 launches torchrun."),
     nnodes: int = typer.Option(1, min=1, help="Machines in the run (each runs this same command)."),
     rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous when --nnodes > 1."),
@@ -49,6 +51,7 @@ def train(
         flags = {"max_steps": max_steps, "checkpoint_every": checkpoint_every, "device": device,
                  "compile": compile or None, "nproc_per_node": nproc_per_node}
         overrides = deep_merge(parse_assignments(set_), {"train": {k: v for k, v in flags.items() if v is not None}})
+        overrides["task"] = shards_task(task, manifest, shards)
         cfg = resolve_config(preset, None, overrides)
         out_dir = out or default_out(shards, preset)
         result = run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256,
@@ -68,6 +71,26 @@ def read_manifest(path: Path) -> dict:
     except (ValueError, KeyError, TypeError):
         raise TokenmillError(f"{path} is not a shards manifest (no row_len, tokenizer or shards)") from None
     return manifest
+
+
+def shards_task(task: str | None, manifest: dict, shards: Path) -> str:
+    """The task to train: the shards' own unless --task names it, and then they must agree."""
+    built_for = manifest.get("task", "lm")
+    if task is None:
+        return built_for
+    if task not in ("lm", "classify"):
+        raise TokenmillError(f"unknown --task '{task}': choose lm or classify")
+    if task != built_for:
+        source = "a labelled corpus" if task == "classify" else "an unlabelled corpus"
+        raise TokenmillError(f"{shards} holds {built_for} shards, not {task} ones; "
+                             f"pass --task {built_for}, or build {task} shards from {source} with `tokenmill preprocess`")
+    return task
+
+
+def row_words(manifest: dict) -> str:
+    if manifest.get("task") == "classify":
+        return f"documents of up to {manifest['row_len']} tokens, {len(manifest.get('labels', []))} classes"
+    return f"context {manifest['row_len'] - 1}"
 
 
 def default_out(shards: Path, preset: str) -> Path:
@@ -92,7 +115,7 @@ def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256
                              f"continue it with --resume, or choose a new --out")
     ranks = f" x {cfg.train.nproc_per_node * nnodes} ranks" if topology.distributed else ""
     step(f"training on {pick_device(cfg.train.device)}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, "
-         f"context {manifest['row_len'] - 1}, {cfg.train.max_steps} steps -> {out_dir}")
+         f"{row_words(manifest)}, {cfg.train.max_steps} steps -> {out_dir}")
     if earlier:
         step(f"resuming from {earlier[-1]}")
     with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
@@ -114,7 +137,7 @@ def report(result, out_dir: Path) -> dict:
         "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "weights": str(result.weights),
         "weights_sha256": result.weights_sha256, "gpt_config": result.gpt_config,
-        "resumed_from": result.resumed_from, "out_dir": str(out_dir),
+        "resumed_from": result.resumed_from, "out_dir": str(out_dir), "head": getattr(result, "head", None),
     }
     console.print(f"[bold green]done[/]  {result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.tokens_per_second:,.0f} tokens/s", soft_wrap=True)

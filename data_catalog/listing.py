@@ -4,6 +4,11 @@ A local path stays a plain absolute path; anything with a scheme (`s3://`, `gs:/
 `https://`, `memory://`, ...) is listed through fsspec and kept as a URL, so workers open it
 the same way. `file://` URLs are turned into local paths. Credentials come from the
 environment, as each fsspec backend reads them; they never appear in the catalog.
+
+With `label_dirs` (directory-per-class corpora) each file also gets a label: the first
+directory below the pattern's static root (its part before the first glob character), or
+the root's own name for a file directly inside it. So `data/*/*.txt` labels
+`data/pos/a.txt` "pos", and `data/pos` (a plain directory) labels its files "pos" as well.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ GLOB_CHARS = set("*?[")
 
 
 class SourceFile(BaseModel):
-    """One input file. `etag` is set for remote files whose store provides one."""
+    """One input file. `etag` is set for remote files whose store provides one; `label` for
+    files of a directory-per-class corpus."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -30,6 +36,7 @@ class SourceFile(BaseModel):
     size: int
     mtime_ns: int = 0
     etag: str = ""
+    label: str | None = None
 
 
 def is_url(path: str) -> bool:
@@ -56,13 +63,39 @@ def list_pattern(pattern: str, base: Path, where: str) -> list[SourceFile]:
     return _list_local(expanded, pattern, where)
 
 
-def list_sources(patterns: list[str], exclude: list[str], base: Path, where: str) -> list[SourceFile]:
-    """Every file the patterns match, minus excludes, each once, sorted by path."""
+def list_sources(patterns: list[str], exclude: list[str], base: Path, where: str,
+                 label_dirs: bool = False) -> list[SourceFile]:
+    """Every file the patterns match, minus excludes, each once, sorted by path; with
+    `label_dirs`, labelled by the directory it lies in (see the module docstring)."""
     found: dict[str, SourceFile] = {}
     for pattern in patterns:
+        root = static_root(expand(pattern, base)) if label_dirs else ""
         for f in list_pattern(pattern, base, where):
-            found[f.path] = f
+            found[f.path] = f.model_copy(update={"label": dir_label(f.path, root)}) if label_dirs else f
     return [f for p, f in sorted(found.items()) if not any(fnmatch.fnmatch(p, ex) for ex in exclude)]
+
+
+def static_root(expanded: str) -> str:
+    """The directory a pattern starts from: its components before the first glob character;
+    a plain file's parent; a plain directory itself."""
+    parts = expanded.rstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if GLOB_CHARS & set(part):
+            return "/".join(parts[:i])
+    if not is_url(expanded) and os.path.isfile(expanded):
+        return os.path.dirname(expanded)
+    return "/".join(parts)
+
+
+def dir_label(path: str, root: str) -> str | None:
+    """The first directory below `root` on the way to `path`, or the root's name for a file in it."""
+    if is_url(root) and not is_url(path):  # a listed file:// root was turned into a local path
+        root = root.split("://", 1)[1]
+    rel = path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else ""
+    parts = rel.split("/")
+    if len(parts) > 1:
+        return parts[0]
+    return root.rstrip("/").rsplit("/", 1)[-1] or None
 
 
 def _list_local(expanded: str, pattern: str, where: str) -> list[SourceFile]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_catalog.listing import GLOB_CHARS, SourceFile, expand, is_url, list_sources
 from tokenmill.config import DataConfig, TokenizerConfig
@@ -42,6 +42,49 @@ class CorpusEntry(BaseModel):
     text_field: str = Field("text", min_length=1, description="the JSON Lines field or Parquet column of the text")
     data: dict[str, Any] = {}
     tokenizer: dict[str, Any] = {}
+    label_field: str | None = Field(None, min_length=1, description="the JSON Lines field or Parquet column of the label")
+    label_dirs: bool = Field(False, description="directory-per-class: a file's label is the directory it lies in")
+    labels: list[str] | None = Field(None, description="the label set; other labels are counted as unknown and dropped")
+    task: Literal["lm", "classify"] | None = Field(None, description="default: classify when the entry has labels, else lm")
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, value: Any) -> Any:
+        """Integer labels are named by their decimal string, as they are in the data."""
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _label_source(self) -> CorpusEntry:
+        if self.label_field and self.label_dirs:
+            raise ValueError("set label_field (a field of each record) or label_dirs (one directory per class), not both")
+        if self.label_field and self.format not in ("jsonl", "parquet", "auto"):
+            raise ValueError(f"label_field needs format jsonl, parquet or auto, not {self.format}; "
+                             "or use label_dirs for one directory per class")
+        if self.label_field is not None and self.label_field == self.text_field:
+            raise ValueError(f"label_field and text_field are both '{self.text_field}'; name the column that holds the label")
+        labelled = bool(self.label_field or self.label_dirs)
+        if self.labels is not None and not labelled:
+            raise ValueError("labels is set but nothing says where a label is; set label_field or label_dirs")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels lists a label twice; list each once")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels must name at least two classes; a classifier needs two")
+        if self.task == "classify" and not labelled:
+            raise ValueError("task classify needs labels: set label_field or label_dirs")
+        if self.task is None:
+            object.__setattr__(self, "task", "classify" if labelled else "lm")
+        return self
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.label_field or self.label_dirs)
+
+
+# Entry fields added for labelled corpora, and their value on an unlabelled entry: left out
+# of the fingerprint at that value, so language-model builds keep their cache keys.
+LABEL_DEFAULTS = {"label_field": None, "label_dirs": False, "labels": None, "task": "lm"}
 
 
 class Catalog(BaseModel):
@@ -134,7 +177,7 @@ def resolve_corpus(name_or_path: str, catalog_path: Path | None = None) -> Corpu
 
 def resolve_entry(name: str, entry: CorpusEntry, base: Path) -> Corpus:
     entry = _absolute_reuse(entry, base)
-    files = list_sources(entry.paths, entry.exclude, base, where=f"corpus '{name}'")
+    files = list_sources(entry.paths, entry.exclude, base, where=f"corpus '{name}'", label_dirs=entry.label_dirs)
     if not files:
         raise TokenmillError(
             f"corpus '{name}' matched no files (paths: {', '.join(entry.paths)}); check its paths and exclude"
@@ -155,13 +198,14 @@ def _absolute_reuse(entry: CorpusEntry, base: Path) -> CorpusEntry:
 
 def list_files(entry: CorpusEntry, base: Path) -> list[SourceFile]:
     """Every file the entry's paths match, minus excludes, sorted by path."""
-    return list_sources(entry.paths, entry.exclude, base, where="corpus")
+    return list_sources(entry.paths, entry.exclude, base, where="corpus", label_dirs=entry.label_dirs)
 
 
 def fingerprint(entry: CorpusEntry, files: list[SourceFile]) -> str:
     """Changes whenever a file is added, removed, resized, touched or re-tagged, or the entry changes."""
     h = hashlib.sha256()
-    h.update(json.dumps(entry.model_dump(), sort_keys=True).encode())
+    described = {k: v for k, v in entry.model_dump().items() if k not in LABEL_DEFAULTS or v != LABEL_DEFAULTS[k]}
+    h.update(json.dumps(described, sort_keys=True).encode())
     for f in files:
         h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\0{f.etag}\n".encode())
     return h.hexdigest()

@@ -1,6 +1,7 @@
 """Cut a corpus into partitions of bounded size that stay put when the corpus grows.
 
-Large uncompressed line-based files are split into byte ranges; small files are grouped.
+Large uncompressed line-based files are split into byte ranges, large Parquet files into
+ranges of row groups (read from the file's footer); small files are grouped.
 Where a group ends depends only on each file's own path and size (a file of n bytes ends a
 group with probability n / target, decided by a hash of its path), not on its neighbours,
 so adding or changing a file moves the boundaries of its own partition only. Partitions
@@ -16,7 +17,7 @@ import json
 from dataclasses import dataclass
 
 from data_catalog.listing import SourceFile
-from tasks.sources import Piece, file_format, is_splittable
+from tasks.sources import Piece, file_format, is_splittable, open_raw
 
 MAX_OVER_TARGET = 4
 
@@ -34,12 +35,45 @@ class Partition:
 
 
 def split_file(f: SourceFile, fmt: str, target_bytes: int) -> list[tuple[Piece, int]]:
-    """The file as (piece, bytes) pairs: byte ranges of about `target_bytes` when it can be split."""
+    """The file as (piece, bytes) pairs: byte ranges (or Parquet row-group ranges) of about
+    `target_bytes` when it can be split."""
+    if f.size > target_bytes and file_format(f.path, fmt) == "parquet":
+        return split_parquet(f, target_bytes)
     if f.size <= target_bytes or not is_splittable(f.path, file_format(f.path, fmt)):
         return [(Piece(f.path), f.size)]
     n = -(-f.size // target_bytes)
     bounds = [f.size * i // n for i in range(n + 1)]
     return [(Piece(f.path, lo, None if hi == f.size else hi), hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def split_parquet(f: SourceFile, target_bytes: int) -> list[tuple[Piece, int]]:
+    """Consecutive row groups of about `target_bytes` (their compressed size) each; one piece
+    when the footer cannot be read, so the reader reports the file."""
+    sizes = row_group_bytes(f.path)
+    if len(sizes) < 2:
+        return [(Piece(f.path), f.size)]
+    pieces: list[tuple[Piece, int]] = []
+    start, acc = 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target_bytes or i == len(sizes) - 1:
+            pieces.append((Piece(f.path, start, None if i == len(sizes) - 1 else i + 1), acc))
+            start, acc = i + 1, 0
+    return pieces
+
+
+def row_group_bytes(path: str) -> list[int]:
+    """The compressed bytes of each row group of a Parquet file; [] when it is not readable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with open_raw(path) as raw:
+            meta = pq.ParquetFile(raw).metadata
+    except (OSError, pa.ArrowException):
+        return []
+    return [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+            for g in range(meta.num_row_groups)]
 
 
 def plan_partitions(files: list[SourceFile], fmt: str, target_bytes: int) -> list[Partition]:

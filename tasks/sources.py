@@ -2,7 +2,7 @@
 
 A piece is a whole file or, for large uncompressed line-based files (lines, jsonl), a byte
 range: it owns every line that starts inside it, so ranges cut at any byte still give each
-line to exactly one piece. Files are local paths or fsspec URLs, decompressed by extension
+line to exactly one piece. A piece of a Parquet file is a range of its row groups. Files are local paths or fsspec URLs, decompressed by extension
 (.gz, .bz2, .zst). No record is ever longer than `limit` bytes in memory: a longer one is
 skipped in chunks and reported as `TooLong`.
 
@@ -29,7 +29,8 @@ SKIP_CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Piece:
-    """A file, or the byte range [start, end) of one. `end` None means to the end of the file."""
+    """A file, or the byte range [start, end) of one (for Parquet: the row groups [start, end)).
+    `end` None means to the end of the file."""
 
     path: str
     start: int = 0
@@ -38,10 +39,12 @@ class Piece:
 
 @dataclass(frozen=True)
 class Record:
-    """One raw unit of a file: the bytes of a document (or JSON line), or text from Parquet."""
+    """One raw unit of a file: the bytes of a document (or JSON line), or text from Parquet
+    (with the row's label when a label column was asked for)."""
 
     data: bytes | str | None
     where: str  # "file:line", "file@byte", or "file" for a whole-file record
+    label: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class TooLong:
 
 @dataclass(frozen=True)
 class FileProblem:
-    """Why a whole file (or piece) yields nothing: 'empty', 'binary' or 'unreadable'."""
+    """Why a whole file (or piece) yields nothing: 'empty', 'binary', 'unreadable',
+    'missing_column', or for a Parquet label column 'missing_label_column' or 'bad_label_type'."""
 
     reason: str
     where: str
@@ -102,10 +106,12 @@ def open_stream(path: str) -> BinaryIO:
     return raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
 
 
-def read_records(piece: Piece, fmt: str, limit: int, column: str = "text") -> Iterator[Record | TooLong | FileProblem]:
-    """The records of a piece in file order, with problems reported in line. `column`: Parquet's text column."""
+def read_records(piece: Piece, fmt: str, limit: int, column: str = "text",
+                 label_column: str | None = None) -> Iterator[Record | TooLong | FileProblem]:
+    """The records of a piece in file order, with problems reported in line. `column`: Parquet's
+    text column; `label_column`: Parquet's label column, read into each Record's label."""
     if fmt == "parquet":
-        yield from _parquet_records(piece.path, limit, column)
+        yield from _parquet_records(piece, limit, column, label_column)
         return
     try:
         with open_stream(piece.path) as f:
@@ -203,36 +209,66 @@ def _paragraphs(f: BinaryIO, path: str, limit: int) -> Iterator[Record | TooLong
             buf.append(line)
 
 
-def _parquet_records(path: str, limit: int, column: str) -> Iterator[Record | TooLong | FileProblem]:
+def _parquet_records(piece: Piece, limit: int, column: str,
+                     label_column: str | None) -> Iterator[Record | TooLong | FileProblem]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        raw = open_raw(path)
+        raw = open_raw(piece.path)
         pf = pq.ParquetFile(raw)
     except (OSError, pa.ArrowException) as exc:
-        yield FileProblem("unreadable", f"{path} ({type(exc).__name__}: {exc})")
+        if piece.start == 0:
+            yield FileProblem("unreadable", f"{piece.path} ({type(exc).__name__}: {exc})")
         return
     with raw:
-        yield from _parquet_rows(pf, path, limit, column)
+        problem = _parquet_problem(pf, piece.path, column, label_column)
+        if problem is not None:
+            if piece.start == 0 or problem.reason != "missing_column":  # a missing text column counts once per file
+                yield problem
+            return
+        yield from _parquet_rows(pf, piece, limit, column, label_column)
 
 
-def _parquet_rows(pf, path: str, limit: int, column: str) -> Iterator[Record | TooLong | FileProblem]:
-    """Rows of the text column; a row whose value is not a string is a Record with data None."""
-    names = pf.schema_arrow.names
+def _parquet_problem(pf, path: str, column: str, label_column: str | None) -> FileProblem | None:
+    import pyarrow as pa
+
+    schema = pf.schema_arrow
+    names = schema.names
     if column not in names:
-        yield FileProblem("missing_column", f"{path} has no column '{column}' (columns: {', '.join(names)})")
-        return
+        return FileProblem("missing_column", f"{path} has no column '{column}' (columns: {', '.join(names)})")
+    if label_column is not None and label_column not in names:
+        return FileProblem("missing_label_column", f"{path} has no column '{label_column}' (columns: {', '.join(names)})")
+    if label_column is not None:
+        kind = schema.field(label_column).type
+        value = kind.value_type if pa.types.is_dictionary(kind) else kind
+        if not (pa.types.is_string(value) or pa.types.is_large_string(value) or pa.types.is_integer(value)):
+            return FileProblem("bad_label_type", f"{path}: label column '{label_column}' has type {kind}")
     if pf.metadata.num_rows == 0:
-        yield FileProblem("empty", path)
+        return FileProblem("empty", path)
+    return None
+
+
+def parquet_row_groups(piece: Piece, n_groups: int) -> range:
+    return range(piece.start, n_groups if piece.end is None else min(piece.end, n_groups))
+
+
+def _parquet_rows(pf, piece: Piece, limit: int, column: str,
+                  label_column: str | None) -> Iterator[Record | TooLong]:
+    """Rows of the text column; a row whose value is not a string is a Record with data None.
+    Rows are numbered from the start of the file, whichever row groups the piece holds."""
+    groups = parquet_row_groups(piece, pf.metadata.num_row_groups)
+    if not groups:
         return
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
-        for value in batch.column(0).to_pylist():
+    row = sum(pf.metadata.row_group(i).num_rows for i in range(groups.start))
+    columns = [column] if label_column is None else [column, label_column]
+    for batch in pf.iter_batches(batch_size=1024, row_groups=list(groups), columns=columns):
+        texts = batch.column(0).to_pylist()
+        labels = batch.column(1).to_pylist() if label_column is not None else [None] * len(texts)
+        for value, label in zip(texts, labels):
             row += 1
-            where = f"{path}:row {row}"
+            where = f"{piece.path}:row {row}"
             if isinstance(value, str) and len(value) > limit:
                 yield TooLong(where)
             else:
-                yield Record(value if isinstance(value, str) else None, where)
-
+                yield Record(value if isinstance(value, str) else None, where, label)

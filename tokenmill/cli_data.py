@@ -4,10 +4,11 @@
     tokenmill catalog show NAME [--catalog FILE] [--json]
     tokenmill catalog validate [FILE]
     tokenmill preprocess CORPUS [--preset NAME] [--catalog FILE] [--set SECTION.FIELD=VALUE]
-                                [--dask-address ADDR] [--workers N] [--json]
+                                [--task lm|classify] [--dask-address ADDR] [--workers N] [--json]
 
 `preprocess` runs the preprocessing task's body directly: no Prefect server or flow run is
-needed. Like every command, a user error prints one `error:` line and exits with status 2.
+needed. A labelled corpus (an entry with label_field or label_dirs) becomes labelled shards
+for the classify task unless `--task lm` says otherwise. Like every command, a user error prints one `error:` line and exits with status 2.
 Standalone: `python -m tokenmill.cli_data ...`.
 """
 
@@ -125,28 +126,35 @@ def preprocess(
     catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP),
     dask_address: Optional[str] = typer.Option(None, help="An existing Dask scheduler (default: $TOKENMILL_DASK_ADDRESS or a LocalCluster)."),
     workers: Optional[int] = typer.Option(None, min=1, help="LocalCluster worker processes (default: one per core)."),
+    task: Optional[str] = typer.Option(None, help="lm or classify (default: classify when the corpus has labels, else lm)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object: manifest and stats."),
 ) -> None:
     """Preprocess CORPUS into tokenizer + Arrow shards + manifest.json, and print the manifest path."""
     with _user_errors():
+        if task not in (None, "lm", "classify"):
+            raise TokenmillError(f"unknown --task '{task}': use lm or classify")
         from tokenmill import runtime
 
         runtime.configure_env()
         from tokenmill.plan import plan_run
 
-        plan = plan_run(corpus, preset, set_, str(catalog) if catalog else None)
+        plan = plan_run(corpus, preset, set_, str(catalog) if catalog else None, task=task)
         runtime.configure()
         from tasks.preprocess import preprocess_corpus
 
         cfg = plan.config
         manifest_path = preprocess_corpus.fn(
-            plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, dask_address or plan.dask_address, n_workers=workers
+            plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, dask_address or plan.dask_address, n_workers=workers,
+            classify=cfg.classify if cfg.task == "classify" else None,
         )
         _echo(str(manifest_path))
         if as_json:
             manifest = json.loads(Path(manifest_path).read_text())
-            out = {"manifest": str(manifest_path), "corpus": manifest["corpus"], "tokenizer": manifest["tokenizer"],
-                   "shards": len(manifest["shards"]), "stats": manifest["stats"], "problems": manifest.get("problems", {})}
+            out = {"manifest": str(manifest_path), "task": manifest.get("task", "lm"), "corpus": manifest["corpus"],
+                   "tokenizer": manifest["tokenizer"], "shards": len(manifest["shards"]), "stats": manifest["stats"],
+                   "problems": manifest.get("problems", {})}
+            if "labels" in manifest:
+                out.update(labels=manifest["labels"], label_counts=manifest["label_counts"])
             sys.stdout.write(json.dumps(out) + "\n")
 
 

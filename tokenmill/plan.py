@@ -20,13 +20,16 @@ class RunPlan:
 
 
 def plan_run(corpus: str, preset: str = "default", overrides: list[str] | None = None,
-             catalog: str | None = None, max_steps: int | None = None) -> RunPlan:
-    """Validate every input and resolve the config: defaults < preset < catalog < overrides."""
+             catalog: str | None = None, max_steps: int | None = None, task: str | None = None) -> RunPlan:
+    """Validate every input and resolve the config: defaults < preset < catalog < overrides.
+    The catalog entry decides the task (classify when it has labels); `task` (--task) overrides it."""
     resolved = resolve_corpus(corpus, Path(catalog) if catalog else None)
     cli = parse_assignments(overrides or [])
     if max_steps is not None:
         cli = deep_merge(cli, {"train": {"max_steps": max_steps}})
-    entry = {"data": resolved.entry.data, "tokenizer": resolved.entry.tokenizer}
+    if task is not None:
+        cli = deep_merge(cli, {"task": task})
+    entry = {"data": resolved.entry.data, "tokenizer": resolved.entry.tokenizer, "task": resolved.entry.task}
     cfg = resolve_config(preset, entry, cli)
     svc = services()
     return RunPlan(resolved, cfg, svc.state_dir / "shards", svc.state_dir / "models", svc.dask_address)

@@ -219,13 +219,11 @@ class GPT(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def forward(self, idx, targets=None):
-        """Return (logits, loss).
+    def features(self, idx):
+        """The final-normed hidden states (B, T, C) of token ids idx (B, T).
 
-        With targets: logits for every position, (B, T, vocab), and the mean
-        float32 cross-entropy; targets of -1 are ignored. Without targets: only
-        the last position's logits, (B, 1, vocab), and None, which is all that
-        generation needs and saves the full head matmul.
+        Position t depends only on positions <= t (causal attention), which is
+        what lets a classifier on top ignore right padding.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
@@ -239,8 +237,17 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, cos, sin)  # (B, T, C)
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
 
+    def forward(self, idx, targets=None):
+        """Return (logits, loss).
+
+        With targets: logits for every position, (B, T, vocab), and the mean
+        float32 cross-entropy; targets of -1 are ignored. Without targets: only
+        the last position's logits, (B, 1, vocab), and None, which is all that
+        generation needs and saves the full head matmul.
+        """
+        x = self.features(idx)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             # float32 so a bf16 autocast does not round the loss

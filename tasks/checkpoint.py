@@ -9,6 +9,10 @@ place, so a crash or SIGKILL leaves the previous checkpoints whole; only the new
 
     save(ckpt_dir, payload, keep=3)
     found = load_latest(ckpt_dir)      # (path, payload) or None
+
+A warm start loads earlier weights into a new run after checking they fit: the same
+tokenizer and shapes. A classifier warm-starts its backbone from a language model (the
+head starts fresh), or everything from a classifier with the same labels and pooling.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ FORMAT = "tokenmill.checkpoint/v1"
 NAME = re.compile(r"^step-(\d{8})\.pt$")
 # The fields that fix a model's shapes and meaning; dropout may differ between runs.
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "rope_base", "norm_eps")
+# A backbone may move to another context length: its rotary tables are derived, not stored.
+BACKBONE_FIELDS = tuple(f for f in SHAPE_FIELDS if f != "block_size")
+BACKBONE = "backbone."
 
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
@@ -146,9 +153,11 @@ def restore(payload: dict, model, optimizer, scheduler, sampler, rank: int, worl
         warnings.warn(f"checkpoint was written by {len(payload['rng'])} ranks, not {world}: RNG streams restart", stacklevel=2)
 
 
-def check_compatible(payload: dict, gpt_config: dict, data_sha256: str, path: Path) -> None:
-    """Refuse to resume a checkpoint of another model shape or another training set."""
+def check_compatible(payload: dict, gpt_config: dict, data_sha256: str, path: Path, head: dict | None = None) -> None:
+    """Refuse to resume a checkpoint of another model shape, head or training set."""
     diffs = shape_differences(payload["gpt_config"], gpt_config)
+    if payload.get("head") != head:
+        diffs.append(f"head {describe_head(payload.get('head'))} (checkpoint) vs {describe_head(head)} (this run)")
     if diffs:
         raise TokenmillError(f"cannot resume from {path}: the model differs ({'; '.join(diffs)}); use a new out dir")
     if payload["data_sha256"] != data_sha256:
@@ -165,6 +174,7 @@ class WarmStart:
     weights: Path
     gpt_config: dict
     tokenizer_sha256: str
+    head: dict | None = None  # a classifier's {"labels", "pooling", ...}; None for a language model
 
 
 MODEL_CARD = "model.json"
@@ -197,23 +207,25 @@ def write_run_record(out_dir: Path, **fields) -> Path:
     return path
 
 
-def warm_start_source(weights: Path, gpt_config: dict | None = None, tokenizer_sha256: str | None = None) -> WarmStart:
+def warm_start_source(weights: Path, gpt_config: dict | None = None, tokenizer_sha256: str | None = None,
+                      head: dict | None = None) -> WarmStart:
     """A WarmStart from a weights file; what is not given is read from `model.json` (or the
     registry's `config.json`) beside it."""
     weights = Path(weights)
     if not weights.is_file():
         raise TokenmillError(f"warm-start weights not found: {weights}; pass the model.pt of a finished run")
-    if gpt_config is None or tokenizer_sha256 is None:
-        card = next((weights.with_name(n) for n in (MODEL_CARD, "config.json") if weights.with_name(n).is_file()), None)
+    card = next((weights.with_name(n) for n in (MODEL_CARD, "config.json") if weights.with_name(n).is_file()), None)
+    if gpt_config is None or tokenizer_sha256 is None or head is None:
         meta = json.loads(card.read_text()) if card else {}
         gpt_config = gpt_config if gpt_config is not None else meta.get("gpt")
         tokenizer_sha256 = tokenizer_sha256 or meta.get("tokenizer_sha256")
+        head = head if head is not None else meta.get("head")
     if gpt_config is None or not tokenizer_sha256:
         raise TokenmillError(
             f"cannot check {weights} for a warm start: no {MODEL_CARD} beside it; "
             f"pass its gpt_config and tokenizer sha256 (--init-tokenizer-sha256)"
         )
-    return WarmStart(weights, dict(gpt_config), tokenizer_sha256)
+    return WarmStart(weights, dict(gpt_config), tokenizer_sha256, head)
 
 
 def shape_differences(source: dict, target: dict) -> list[str]:
@@ -224,9 +236,15 @@ def shape_differences(source: dict, target: dict) -> list[str]:
     ]
 
 
-def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str) -> None:
+def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str, head: dict | None = None) -> str:
     """Load `source` into `model` when tokenizer, vocab and shapes match, else a TokenmillError
-    that names every difference."""
+    that names every difference. Returns one line saying what was loaded.
+
+    `head` is the run's classifier head ({"labels", "pooling", ...}) when `model` is a
+    classifier; see `warm_start_classifier`.
+    """
+    if hasattr(model, "backbone"):
+        return warm_start_classifier(model, source, tokenizer_sha256, head)
     target = {name: getattr(model.config, name) for name in SHAPE_FIELDS}
     diffs = shape_differences(source.gpt_config, target)
     if source.tokenizer_sha256 != tokenizer_sha256:
@@ -244,3 +262,57 @@ def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str)
             f"start from a model with the same tokenizer and shapes, or train from scratch"
         )
     model.load_state_dict(state)
+    return f"warm start: all weights from {source.weights}"
+
+
+def describe_head(head: dict | None) -> str:
+    if head is None:
+        return "none (language model)"
+    return f"{head.get('pooling')} pooling over labels {list(head.get('labels', []))}"
+
+
+def split_classifier_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(backbone state with GPT's own keys, head state) of a classifier's or an LM's weights."""
+    if not any(k.startswith(BACKBONE) for k in state):  # a language model: all backbone
+        return dict(state), {}
+    backbone = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
+    return backbone, {k: v for k, v in state.items() if not k.startswith(BACKBONE)}
+
+
+def warm_start_classifier(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str, head: dict | None) -> str:
+    """Warm-start a GPTClassifier: its backbone from a language model or a classifier (same
+    tokenizer and backbone shapes required; the context length may differ), and its head too
+    when the source is a classifier with the same labels and pooling; else the head stays fresh."""
+    if source.tokenizer_sha256 != tokenizer_sha256:
+        raise TokenmillError(
+            f"cannot warm-start from {source.weights}: it was trained with tokenizer {source.tokenizer_sha256[:12]}, "
+            f"the shards use {tokenizer_sha256[:12]}; preprocess with tokenizer.reuse=<the source model's "
+            f"tokenizer.model> or train from scratch"
+        )
+    target = {name: getattr(model.config, name) for name in BACKBONE_FIELDS}
+    diffs = [d for d in shape_differences(source.gpt_config, target) if not d.startswith("block_size ")]
+    state = torch.load(source.weights, map_location="cpu", weights_only=True) if not diffs else {}
+    backbone, head_state = split_classifier_state(state)
+    own = model.backbone.state_dict()
+    for name in sorted(set(own) | set(backbone)) if state else []:  # the weights themselves, in case the card is wrong
+        if name not in backbone or name not in own:
+            diffs.append(f"{name} only in the {'source' if name in backbone else 'new model'}")
+        elif backbone[name].shape != own[name].shape:
+            diffs.append(f"{name} {tuple(backbone[name].shape)} (source) vs {tuple(own[name].shape)} (this run)")
+    if diffs:
+        raise TokenmillError(
+            f"cannot warm-start from {source.weights}: {'; '.join(diffs[:6])}; "
+            f"start from a model with the same backbone shapes (n_layer, n_head, n_embd) or train from scratch"
+        )
+    model.backbone.load_state_dict(backbone)
+    if not head_state:
+        return f"warm start: backbone from the language model {source.weights}; new head for {model.n_classes} classes"
+    source_head = {k[len("head."):]: v for k, v in head_state.items() if k.startswith("head.")}
+    fits = {k: v.shape for k, v in source_head.items()} == {k: v.shape for k, v in model.head.state_dict().items()}
+    same = (source.head is not None and head is not None and list(source.head.get("labels", [])) == list(head["labels"])
+            and source.head.get("pooling") == head.get("pooling"))
+    if same and fits:
+        model.head.load_state_dict(source_head)
+        return f"warm start: backbone and head from the classifier {source.weights} (same labels)"
+    return (f"warm start: backbone only from the classifier {source.weights}; it has {describe_head(source.head)}, "
+            f"this run {describe_head(head)}, so the head starts fresh")

@@ -3,12 +3,16 @@
 The eval set is the first `eval.max_rows` rows of the val split, identified by a sha256 of
 the val shards' content, so two models compare only when they saw the same rows. Any model
 can be scored on any manifest built with its tokenizer (`tokenmill evaluate`).
+
+The manifest's task picks the evaluation: a language model gets loss, perplexity, bits per
+byte and sample generations; a classifier (`tasks.classify_eval`) gets accuracy, macro-F1,
+per-class precision and recall and a confusion-matrix plot, and has no generations.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from tasks.model_store import LocalModel, from_manifest
 from tasks.policy import retry_transient
 from tasks.shards import ShardSet
 from tasks.trainer import pick_device
+from tasks.training_data import manifest_task
 from tokenmill.config import EvalConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
@@ -37,10 +42,13 @@ class Evaluation:
     weights_sha256: str = ""
     samples: list[dict[str, str]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    task: str = "lm"
+    confusion: list[list[int]] | None = None  # classify: counts, row = true label, column = predicted
 
     @property
     def generations_ok(self) -> bool:
-        return report.generations_ok(self.samples)
+        """A language model must complete every prompt; a classifier generates nothing."""
+        return self.task != "lm" or report.generations_ok(self.samples)
 
 
 def load_model(weights: Path, gpt_config: dict, device: torch.device) -> tuple[GPT, str]:
@@ -52,8 +60,18 @@ def load_model(weights: Path, gpt_config: dict, device: torch.device) -> tuple[G
 
 
 def evaluate(manifest_path: Path, local: LocalModel, cfg: EvalConfig, device: str = "auto") -> Evaluation:
-    """Metrics on the frozen eval set and seeded sample generations for the fixed prompts."""
+    """Metrics on the frozen eval set and seeded sample generations for the fixed prompts; for
+    labelled shards, a classifier's metrics (`tasks.classify_eval.evaluate_classifier`)."""
     manifest = json.loads(Path(manifest_path).read_text())
+    if manifest_task(manifest) == "classify":
+        from tasks.classify_eval import evaluate_classifier
+
+        return evaluate_classifier(manifest_path, local, cfg, device)
+    if local.head:
+        raise TokenmillError(
+            f"{local.weights} is a classifier, and {manifest_path} holds language-model shards; "
+            f"evaluate it on shards preprocessed with task=classify"
+        )
     if local.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
         raise TokenmillError(
             f"the model's tokenizer ({local.tokenizer_sha256[:12]}) differs from the shards' "
@@ -84,7 +102,7 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
     """Score freshly trained weights (a `TrainResult`), write the report beside them, and log it
     all to the run. A verified earlier evaluation of the same weights on the same eval set is
     reused unless `refresh`."""
-    local = from_manifest(trained.weights, trained.gpt_config, manifest_path)
+    local = replace(from_manifest(trained.weights, trained.gpt_config, manifest_path), head=getattr(trained, "head", None))
     manifest = json.loads(Path(manifest_path).read_text())
     key = stage_cache.eval_key(trained.weights_sha256, mf.eval_set_sha(manifest, cfg.max_rows), cfg)
     models_root = Path(trained.weights).parent.parent
@@ -92,7 +110,8 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
     if cached:
         step(f"evaluation cached (verified, key {key[:12]})")
         result = Evaluation(local, cached["metrics"], cached["eval_set_sha256"], cached["eval_max_rows"],
-                            cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]])
+                            cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]],
+                            task=cached.get("task", "lm"), confusion=cached.get("confusion"))
     else:
         step("evaluating on the frozen eval set")
         result = evaluate(manifest_path, local, cfg)
@@ -100,14 +119,23 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
         lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
                    "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
         out_dir = Path(trained.weights).parent / f"eval-{key[:12]}"
-        result.files = report.write_report(out_dir, "tokenmill evaluation", result.metrics, result.samples, lineage, history)
+        result.files = write_evaluation_report(out_dir, result, lineage, history)
         stage_cache.store(models_root, key, result.files, {
             "metrics": result.metrics, "eval_set_sha256": result.eval_set_sha256, "eval_max_rows": result.eval_max_rows,
             "weights_sha256": result.weights_sha256, "samples": result.samples, "files": [str(p) for p in result.files],
+            "task": result.task, "confusion": result.confusion,
         })
     if run_id:
         log_evaluation(run_id, result)
     return result
+
+
+def write_evaluation_report(out_dir: Path, result: Evaluation, lineage: dict, history: dict) -> list[Path]:
+    """The report files of the result's task under out_dir (each written atomically)."""
+    if result.task == "classify":
+        return report.write_classification_report(out_dir, "tokenmill classifier evaluation", result.metrics,
+                                                  list(result.model.head["labels"]), result.confusion, lineage, history)
+    return report.write_report(out_dir, "tokenmill evaluation", result.metrics, result.samples, lineage, history)
 
 
 def log_evaluation(run_id: str, result: Evaluation) -> None:
@@ -119,4 +147,5 @@ def log_evaluation(run_id: str, result: Evaluation) -> None:
     client = MlflowClient()
     for path in result.files:
         client.log_artifact(run_id, str(path), "eval")
-    client.log_dict(run_id, {"samples": result.samples}, "eval/generations.json")
+    if result.task == "lm":
+        client.log_dict(run_id, {"samples": result.samples}, "eval/generations.json")

@@ -1,9 +1,9 @@
 """Scale applied from outside the model, as torchtitan's `parallelize_*` does.
 
-`parallelize(model, ...)` takes a finished `GPT` and wraps it for the hardware in one fixed
-order (compile, then FSDP2 or DDP), so `model/` never changes when the cluster does. The
-rest are the few collective helpers the loop needs: which rank this is, gradient sync
-during accumulation, clipping and a mean across ranks.
+`parallelize(model, ...)` takes a finished `GPT` or `GPTClassifier` and wraps it for the
+hardware in one fixed order (compile, then FSDP2 or DDP), so `model/` never changes when
+the cluster does. The rest are the few collective helpers the loop needs: which rank
+this is, gradient sync during accumulation, clipping and a mean across ranks.
 
 Ranks come from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); without it the run
 is one process and every helper here is a no-op.
@@ -78,7 +78,7 @@ def parallelize(
     #    whole model, which also fuses the head and the loss.
     if compile:
         if ranks.world > 1:
-            for block in model.transformer.h:
+            for block in blocks(model):
                 block.compile()
         else:
             model.compile()
@@ -91,7 +91,7 @@ def parallelize(
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (ranks.world,))
-        for block in model.transformer.h:
+        for block in blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
@@ -102,8 +102,13 @@ def parallelize(
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The Transformer blocks of a GPT, or of the GPT backbone of a classifier."""
+    return getattr(model, "backbone", model).transformer.h
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain GPT inside a DDP wrapper (FSDP2 and in-place compile do not wrap)."""
+    """The plain model inside a DDP wrapper (FSDP2 and in-place compile do not wrap)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

@@ -1,5 +1,10 @@
 """The training loop: Arrow shards in; a trained GPT, its checkpoints and its metrics out.
 
+One engine for every task: the manifest's `task` picks the data (`tasks.training_data`),
+which supplies each batch as a tuple of tensors and builds the network, a language model
+or a classifier; the loop calls `net(*inputs) -> (logits, loss)` and shares everything
+else (precision, accumulation, ranks, checkpoints, exact resume, guards, eval, MFU).
+
 Reads top to bottom in numbered phases, as nanoGPT's train.py does. Scale (compile, DDP,
 FSDP2) is applied from outside by `tasks.parallel`, and checkpoints are `tasks.checkpoint`'s.
 It imports no orchestration or tracking library: metrics leave through the `tracker` it is
@@ -25,12 +30,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPTConfig
 from tasks import checkpoint, parallel
 from tasks.atomic import atomic_path
 from tasks.checkpoint import WarmStart
-from tasks.metrics import evaluate_rows
-from tasks.shards import ShardSet
+from tasks.training_data import manifest_task, open_task_data
+from tokenmill import console
 from tokenmill.errors import TokenmillError
 
 CHECKPOINTS = "checkpoints"
@@ -61,6 +66,7 @@ class TrainResult:
     checkpoint: Path | None = None
     tokens_per_second: float = 0.0  # of this invocation's training loop
     resumed_from: int | None = None  # the checkpoint step it continued from
+    head: dict | None = None  # classify: {"labels", "pooling", "n_classes"}; None for a language model
 
 
 class BatchSampler:
@@ -157,9 +163,12 @@ def accumulation_steps(t, block_size: int, world: int) -> int:
 
 
 def data_sha256(manifest: dict) -> str:
-    """Identifies the training rows a checkpoint was trained on."""
+    """Identifies the training rows a checkpoint was trained on (and, to classify, their label names)."""
     train = [(s["path"], s.get("sha256"), s["rows"]) for s in manifest["shards"] if s["split"] == "train"]
-    return hashlib.sha256(json.dumps([manifest["row_len"], train]).encode()).hexdigest()
+    key = [manifest["row_len"], train]
+    if manifest_task(manifest) != "lm":
+        key += [manifest_task(manifest), manifest.get("labels")]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
 def train(
@@ -189,20 +198,20 @@ def train(
     if not ranks.main:
         tracker, on_step = NullTracker(), None
 
-    # 2. Data: memory-mapped train rows, a sampler per rank, and the separate val stream.
+    # 2. Data of the manifest's task: memory-mapped train rows, a sampler per rank, the val
+    #    stream. The context is the row minus one (lm) or the padded document length (classify).
     manifest = json.loads(Path(manifest_path).read_text())
     tokenizer_sha = manifest["tokenizer"]["sha256"]
-    train_rows = ShardSet.open(manifest_path, "train")
-    val_rows = ShardSet.open(manifest_path, "val")
-    if len(train_rows) < t.batch_size * ranks.world:
+    data = open_task_data(manifest_path, manifest, cfg)
+    if len(data) < t.batch_size * ranks.world:
         raise TokenmillError(
-            f"the train split has {len(train_rows)} rows, fewer than one batch across ranks "
+            f"the train split has {len(data)} rows, fewer than one batch across ranks "
             f"({t.batch_size} x {ranks.world}); lower train.batch_size"
         )
-    sampler = BatchSampler(len(train_rows), t.batch_size, t.seed, ranks.rank, ranks.world)
+    sampler = BatchSampler(len(data), t.batch_size, t.seed, ranks.rank, ranks.world)
     gpt_config = GPTConfig(
         vocab_size=manifest["tokenizer"]["vocab_size"],
-        block_size=manifest["row_len"] - 1,
+        block_size=data.block_size,
         n_layer=cfg.model.n_layer,
         n_head=cfg.model.n_head,
         n_embd=cfg.model.n_embd,
@@ -219,20 +228,23 @@ def train(
             f"resume it (--resume) or choose a new out dir"
         )
     if payload is not None:
-        checkpoint.check_compatible(payload, gpt_config.__dict__, data_sha256(manifest), last_saved)
+        checkpoint.check_compatible(payload, gpt_config.__dict__, data_sha256(manifest), last_saved, data.head)
     if ranks.main:
         checkpoint.write_run_record(
             out_dir, config=cfg.model_dump(), manifest=str(Path(manifest_path).resolve()), data_sha256=data_sha256(manifest),
             tokenizer_sha256=tokenizer_sha, gpt_config=gpt_config.__dict__.copy(), ranks=ranks.world,
             grad_accum=accum, tokens_per_step=tokens_per_step, device=str(device),
             resumed_from=payload["step"] if payload is not None else None, warm_start=str(warm.weights) if warm else None,
+            task=data.task, head=data.head,
         )
 
     # 4. Model (fresh, warm-started or restored), parallelized; optimizer and schedule.
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = GPT(gpt_config)
+    model = data.build(gpt_config)
     if warm is not None and payload is None:
-        checkpoint.warm_start(model, warm, tokenizer_sha)
+        loaded = checkpoint.warm_start(model, warm, tokenizer_sha, data.head)
+        if ranks.main and data.head is not None:  # what a classifier took from its source
+            console.step(loaded)
     model.to(device)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device, t.peak_flops)
     net = parallel.parallelize(model, device=device, ranks=ranks, mode=t.parallel, compile=t.compile)
@@ -259,7 +271,7 @@ def train(
             "format": checkpoint.FORMAT, "step": step, "loss": loss_value, "model": state, "optimizer": optim,
             "scheduler": schedule.state_dict(), "sampler": sampler.state_dict(), "rng": rng,
             "config": cfg.model_dump(), "gpt_config": gpt_config.__dict__.copy(),
-            "data_sha256": data_sha256(manifest), "world": ranks.world,
+            "data_sha256": data_sha256(manifest), "world": ranks.world, "head": data.head,
         }
 
     # 5. The loop: accumulate micro-batches, guard, clip, step; log, eval and checkpoint.
@@ -270,12 +282,12 @@ def train(
         done = step + 1
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            batch = torch.from_numpy(train_rows.rows(sampler.next()))
+            batch = data.batch(sampler.next())
             if device.type == "cuda":
-                batch = batch.pin_memory().to(device, non_blocking=True)
+                batch = tuple(b.pin_memory().to(device, non_blocking=True) for b in batch)
             with parallel.grad_sync(net, micro == accum - 1):
                 with autocast() if autocast else nullcontext():
-                    _, loss = net(batch[:, :-1], batch[:, 1:])
+                    _, loss = net(*data.inputs(batch))
                 (loss / accum).backward()
             loss_sum += loss.detach()
         grad_norm = parallel.clip_grad_norm(net, t.grad_clip)
@@ -302,8 +314,7 @@ def train(
             window_start, window_step = now, done
         side_start = time.perf_counter()  # eval and checkpoints are timed apart from training
         if done % t.eval_interval == 0 and done != t.max_steps:
-            val = evaluate_rows(net, val_rows, t.eval_batches * t.batch_size, t.batch_size, None, device, autocast)
-            tracker.log_metrics({"val_loss_periodic": val["val_loss"]}, step=done)
+            tracker.log_metrics(data.evaluate(net, t.eval_batches * t.batch_size, t.batch_size, device, autocast), step=done)
         if done == t.max_steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
             payload = snapshot(done)
             if payload is not None:
@@ -329,6 +340,7 @@ def train(
         checkpoint.write_model_card(
             out_dir, gpt_config.__dict__.copy(), tokenizer_sha,
             weights_sha256=sha, steps=final_step, data_sha256=data_sha256(manifest), config=cfg.model_dump(),
+            task=data.task, head=data.head,
         )
     trained = final_step - start_step
     return TrainResult(
@@ -342,4 +354,5 @@ def train(
         checkpoint=last_saved,
         tokens_per_second=trained * tokens_per_step / loop_seconds if trained else 0.0,
         resumed_from=resumed_from,
+        head=data.head,
     )

@@ -153,7 +153,7 @@ def _documents(piece: Piece | str, rules: DocRules, tally: Tally, label_field: s
         if seen is not None and label_field is not None:
             counts = seen.setdefault(piece.path, [0, 0])
             counts[0] += 1
-            counts[1] += label is not None
+            counts[1] += label is not None and label != ""
         if rules.normalize != "none":
             doc = unicodedata.normalize(rules.normalize, doc)
         if len(doc) < max(rules.min_chars, 1):
@@ -167,7 +167,7 @@ def _documents(piece: Piece | str, rules: DocRules, tally: Tally, label_field: s
 def _file_problem(item: FileProblem, rules: DocRules, tally: Tally, label_field: str | None = None) -> None:
     if item.reason == "missing_label_column":
         path = item.where.split(" has no column", 1)[0]
-        raise TokenmillError(f"labels absent from {path}: {item.where.removeprefix(path + ' ')}; "
+        raise TokenmillError(f"labels absent from {path}: {item.where.removeprefix(path + ' has ')}; "
                              f"set the entry's label_field to the column that holds the label")
     if item.reason == "bad_label_type":
         raise TokenmillError(f"{item.where}, not string or integer; store the labels as strings or integers "

@@ -47,11 +47,13 @@ def split_file(f: SourceFile, fmt: str, target_bytes: int) -> list[tuple[Piece, 
 
 
 def split_parquet(f: SourceFile, target_bytes: int) -> list[tuple[Piece, int]]:
-    """Consecutive row groups of about `target_bytes` (their compressed size) each; one piece
-    when the footer cannot be read, so the reader reports the file."""
-    sizes = row_group_bytes(f.path)
-    if len(sizes) < 2:
+    """Consecutive row groups of about `target_bytes` each (the file's size shared among its row
+    groups by their compressed size); one piece when the footer cannot be read, so the reader
+    reports the file."""
+    weights = row_group_bytes(f.path)
+    if len(weights) < 2 or not sum(weights):
         return [(Piece(f.path), f.size)]
+    sizes = [f.size * w // sum(weights) for w in weights]
     pieces: list[tuple[Piece, int]] = []
     start, acc = 0, 0
     for i, n in enumerate(sizes):

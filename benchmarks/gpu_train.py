@@ -359,6 +359,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--model-file", type=Path, default=None,
                    help="take GPT from this copy of model/gpt.py (default: the package's)")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config options first, e.g. coordinate_descent_tuning=True")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="start no new configuration after this many seconds")
@@ -373,6 +375,7 @@ def main(argv=None) -> int:
         args.profile = device.type == "cuda"
     # No fp32 matmuls should remain under bf16 autocast; TF32 covers any that do.
     torch.set_float32_matmul_precision("high")
+    apply_inductor_options(args.inductor)
     t_start = time.perf_counter()
     report = {"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
               "configs": [], "skipped": []}
@@ -394,6 +397,28 @@ def main(argv=None) -> int:
         save(args.out, report)
     summarise(report)
     return 0
+
+
+def apply_inductor_options(assignments: list[str]) -> None:
+    """Set Inductor config fields named KEY=VALUE (value parsed as a Python literal)."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    for item in assignments:
+        key, _, raw = item.partition("=")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        target = inductor
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = getattr(target, part)
+        if not hasattr(target, leaf):
+            raise SystemExit(f"unknown inductor option {key}")
+        setattr(target, leaf, value)
+        print(f"inductor {key} = {value!r}", flush=True)
 
 
 def sweep(args, shards, device, peak, report: dict, t_start: float) -> None:

@@ -108,7 +108,10 @@ def rotate_half(x):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate q or k (B, nh, T, hs) by position, so q.k depends on relative offset."""
+    """Rotate q or k (B, T, nh, hs) by position, so q.k depends on relative offset.
+
+    cos and sin are (T, 1, hs): one row per position, shared by every head.
+    """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep autocast's dtype for attention
     return x * cos + rotate_half(x) * sin
 
@@ -127,15 +130,19 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hs = C // self.n_head
+        # Stay in the (B, T, nh, hs) layout the projection produces: rotate q and k there and
+        # hand SDPA transposed views. Its backward then returns dq, dk and dv in that layout,
+        # so the qkv gradient is assembled without a transposing copy (that copy took 11% of
+        # a GPT-2-small step on an H100; see BENCHMARKS.md).
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # each (B, T, nh, hs)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs)
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

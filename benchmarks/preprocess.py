@@ -1,7 +1,7 @@
 """Preprocessing throughput, peak memory and scaling, against two references in the same run.
 
     .venv/bin/python benchmarks/preprocess.py                      # stdlib + synthetic 25 MB and 200 MB
-    .venv/bin/python benchmarks/preprocess.py --synthetic-mb 1000 --scale-from-mb 125 --json out.json
+    .venv/bin/python benchmarks/preprocess.py --skip-stdlib --synthetic-mb 1000 --scale-from-mb 125 --big-reps 1 --json out.json
 
 For each corpus, with one tokenizer (trained once, then reused so every method uses the same
 model), it measures:
@@ -12,8 +12,9 @@ model), it measures:
   pool    a straightforward multiprocessing.Pool peer in the pattern of Megatron-LM's
           preprocess_data.py: the parent reads documents, workers encode, the parent writes
           one token file;
-  ours    `preprocess_corpus` end to end (Dask LocalCluster start, dedup pass, encode,
-          packing, shard writes, manifest), with nothing reused.
+  ours    `preprocess_corpus` end to end (Dask LocalCluster start, one pass that reads,
+          hashes, encodes, packs and writes each partition, the corpus-wide dedup settled
+          after it, manifest), with nothing reused.
 Peak memory is the RSS summed over the process and all its children, sampled every 50 ms.
 The scale test runs `ours` at `--scale-from-mb` and at `--synthetic-mb` (8x by default).
 """
@@ -207,7 +208,8 @@ def ours(corpus_ref: str, model_path: Path, workers: int, shards: Path, data: Da
             "phases": phases}
 
 
-def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig) -> dict:
+def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig,
+            reps: int) -> dict:
     """Both references and ours on one corpus; pool and ours alternate `reps` times and the best of each counts."""
     corpus = resolve_corpus(corpus_ref)
     mb = corpus.total_bytes / 1e6
@@ -216,7 +218,7 @@ def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Pa
     parallel = raw_parallel_rate(model_path, docs, workers)
     del docs
     pools, mine = [], []
-    for _ in range(args.reps):
+    for _ in range(reps):
         with PeakRss() as rss:
             pools.append({**pool_peer(corpus, model_path, workers, work / f"{name}-pool.bin"), "rss": rss.peak})
         with PeakRss() as rss:
@@ -256,6 +258,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--raw-limit-mb", type=int, default=40, help="documents encoded by the raw references")
     parser.add_argument("--reps", type=int, default=2, help="alternating runs of pool and ours; the best of each counts")
+    parser.add_argument("--big-reps", type=int, default=None, help="--reps for the --synthetic-mb corpus (default: --reps)")
     parser.add_argument("--skip-stdlib", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed after)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -269,13 +272,14 @@ def main() -> None:
         if not args.skip_stdlib:
             model, seconds = train_tokenizer("python-stdlib", work / "stdlib.model", args.vocab, 8_000_000)
             results["stdlib_tokenizer_train_s"] = round(seconds, 1)
-            results["rows"].append(measure("python-stdlib", "python-stdlib", model, args.workers, work, args, data))
+            results["rows"].append(measure("python-stdlib", "python-stdlib", model, args.workers, work, args, data, args.reps))
         small = synthetic_corpus(work / f"syn-{args.scale_from_mb}", args.scale_from_mb)
         big = synthetic_corpus(work / f"syn-{args.synthetic_mb}", args.synthetic_mb)
         model, seconds = train_tokenizer(str(small), work / "syn.model", args.vocab, 8_000_000)
         results["synthetic_tokenizer_train_s"] = round(seconds, 1)
-        rows = [measure(f"synthetic-{mb}MB", str(d), model, args.workers, work, args, data)
-                for mb, d in ((args.scale_from_mb, small), (args.synthetic_mb, big))]
+        big_reps = args.big_reps or args.reps
+        rows = [measure(f"synthetic-{mb}MB", str(d), model, args.workers, work, args, data, reps)
+                for mb, d, reps in ((args.scale_from_mb, small, args.reps), (args.synthetic_mb, big, big_reps))]
         results["rows"] += rows
         results["scale"] = {
             "data_ratio": round(rows[1]["mb"] / rows[0]["mb"], 2),

@@ -1,6 +1,7 @@
 """A Dask client: an existing scheduler when an address is given, else a LocalCluster.
 
-On a remote cluster the workers must have tokenmill installed and see the state dir
+`client_in_background` starts it in a thread, so the caller can do its own set-up (train a
+tokenizer, look up cached work) while the worker processes start. On a remote cluster the workers must have tokenmill installed and see the state dir
 (shared storage), because they read the corpus and write shards themselves.
 """
 
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 
 import dask
 
@@ -43,3 +45,18 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def client_in_background(address: str | None, n_workers: int | None = None) -> Iterator[Callable]:
+    """Yields a function that returns the client of `dask_client(address, n_workers)`, waiting
+    for it only when first called; the cluster starts meanwhile (about 1 s for a LocalCluster)."""
+    stack = ExitStack()
+    # one thread enters and leaves the client: distributed keeps the current client in a context variable
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-client") as pool:
+        starting = pool.submit(stack.enter_context, dask_client(address, n_workers))
+        try:
+            yield starting.result
+        finally:
+            wait([starting])
+            pool.submit(stack.close).result()

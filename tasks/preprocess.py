@@ -2,10 +2,13 @@
 
 The output directory is named by a hash of everything that determines its content (corpus
 fingerprint, tokenizer and data settings), so a verified manifest there is a cache hit and
-preprocessing is skipped. Work runs on Dask in two passes over bounded partitions: hash
-every document (for exact dedup across the corpus), then encode and write shards. Both
-passes reuse what this directory or an earlier build of the corpus already finished (see
-tasks/incremental.py). The manifest is written last.
+preprocessing is skipped. The Dask cluster starts while the tokenizer is trained (or found).
+Then one pass over bounded partitions hashes, encodes and writes each partition's shards,
+dropping only documents repeated within the partition. Exact dedup across the corpus (the
+first occurrence wins) is settled afterwards from the hashes: a partition that repeats a
+document of an earlier one is repacked without it, from its own shards, without encoding
+anything again. Partitions whose input is unchanged are reused from this directory or an
+earlier build of the corpus (see tasks/incremental.py). The manifest is written last.
 
     from tasks.preprocess import preprocess_corpus
     manifest = preprocess_corpus.fn(corpus, cfg.tokenizer, cfg.data, Path(".tokenmill/shards"))
@@ -18,6 +21,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import task
@@ -25,7 +29,7 @@ from prefect import task
 from data_catalog.loader import Corpus
 from tasks import encode, incremental, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_bytes, write_json
-from tasks.cluster import dask_client
+from tasks.cluster import client_in_background
 from tasks.documents import DocRules, Tally
 from tasks.partitions import Partition, plan_partitions
 from tasks.policy import retry_transient
@@ -108,19 +112,25 @@ def preprocess_corpus(
     dirs = incremental.build_dirs(out, corpus.name) if data.incremental else [out]
     workers = n_workers or min(len(parts), os.cpu_count() or 1)
     clock = Stopwatch()
-    with dask_client(dask_address, n_workers=workers) as client:
-        clock.lap("seconds_cluster_start")
-        hashes = hash_pass(client, parts, rules, dirs)
-        require_documents(corpus, hashes)
-        clock.lap("seconds_dedup_pass")
-        tok_path, tok_sha = obtain_tokenizer(corpus, rules, tokenizer, data.seed, dirs, reused)
+    with client_in_background(dask_address, n_workers=workers) as connect:
+        known = cached_hashes(parts, rules, dirs)
+        tok_path, tok_sha = tokenizer_or_reason(connect, corpus, rules, tokenizer, data.seed, dirs, reused, parts)
         clock.lap("seconds_tokenizer")
         spec = encode.EncodeSpec(rules, str(tok_path), tok_sha, data.context_len + 1, data.val_fraction, str(out))
-        results = encode_pass(client, parts, hashes, spec, dirs)
-        clock.lap("seconds_encode_pass")
+        todo = [p for p in parts if p.index not in known]
+        if todo:
+            connect()
+            clock.lap("seconds_cluster_wait")
+        guessed = first_pass(connect, todo, spec, len(parts))
+        clock.lap("seconds_first_pass")
+        hashes = [known[p.index] if p.index in known else guessed[p.index].hash_result() for p in parts]
+        require_documents(corpus, hashes)
+        results = settle_pass(connect, parts, hashes, guessed, spec, dirs)
+        clock.lap("seconds_settle_pass")
     manifest = assemble_manifest(corpus, tokenizer, data, spec, parts, results, time.time() - started)
     manifest["stats"].update(clock.laps)
     write_json(manifest_path, manifest)
+    shutil.rmtree(out / encode.SPANS, ignore_errors=True)  # only a repack in this run needed them
     remove_stale_temp_files(out, started)
     summarize(manifest)
     return manifest_path
@@ -149,20 +159,20 @@ class Stopwatch:
         self._last = now
 
 
+def cached_hashes(parts: list[Partition], rules: DocRules, dirs: list[Path]) -> dict[int, encode.HashResult]:
+    """The document hashes of every partition whose input an earlier run already read."""
+    known = {}
+    for part in parts:
+        cached = incremental.find_hashes(dirs, encode.source_key(part, rules))
+        if cached is not None:
+            known[part.index] = encode.load_hashes(part.index, cached)
+    return known
+
+
 def hash_pass(client, parts: list[Partition], rules: DocRules, dirs: list[Path]) -> list[encode.HashResult]:
     """Every partition's document hashes: from a cache where the partition's input is unchanged."""
-    out = dirs[0]
-    done: dict[int, encode.HashResult] = {}
-    todo: list[tuple[Partition, str]] = []
-    for part in parts:
-        skey = encode.source_key(part, rules)
-        cached = incremental.find_hashes(dirs, skey)
-        if cached is not None:
-            done[part.index] = encode.load_hashes(part.index, cached)
-        else:
-            todo.append((part, str(out / encode.HASHES / f"{skey}.npz")))
-    mb = sum(p.nbytes for p, _ in todo) / 1e6
-    step(f"dedup pass: {len(todo)} of {len(parts)} partitions to read ({mb:.1f} MB) on {n_workers(client)} Dask workers")
+    done = cached_hashes(parts, rules, dirs)
+    todo = [(p, str(dirs[0] / encode.HASHES / f"{encode.source_key(p, rules)}.npz")) for p in parts if p.index not in done]
     if todo:
         futures = largest_first(client, encode.hash_partition, [(p, rules, dest) for p, dest in todo])
         for r in client.gather(futures):
@@ -179,6 +189,16 @@ def require_documents(corpus: Corpus, hashes: list[encode.HashResult]) -> None:
         tally.update(h.tally)
     why = "; ".join(f"{reason}: {text}" for reason, text in tally.problems().items()) or "every file is empty"
     raise TokenmillError(f"corpus '{corpus.name}' has no usable documents in {len(corpus.files)} files ({why})")
+
+
+def tokenizer_or_reason(connect, corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int,
+                        dirs: list[Path], reused: Path | None, parts: list[Partition]) -> tuple[Path, str]:
+    """`obtain_tokenizer`; if it fails because the corpus has no usable document, that reason instead."""
+    try:
+        return obtain_tokenizer(corpus, rules, cfg, seed, dirs, reused)
+    except TokenmillError:
+        require_documents(corpus, hash_pass(connect(), parts, rules, dirs))
+        raise
 
 
 def obtain_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, dirs: list[Path],
@@ -229,28 +249,54 @@ def check_tokenizer(path: Path) -> None:
         raise TokenmillError(f"tokenizer {path} has no end-of-document id (eos); train it with eos_id set")
 
 
-def encode_pass(client, parts: list[Partition], hashes: list[encode.HashResult], spec: encode.EncodeSpec,
-                dirs: list[Path]) -> list[encode.PartitionResult]:
-    """Every partition's shards: reused where the encode key matches a finished partition, else encoded."""
+def first_pass(connect, todo: list[Partition], spec: encode.EncodeSpec, n_parts: int) -> dict[int, encode.PartitionResult]:
+    """Hash, encode and write the partitions whose hashes are not cached yet, each guessing that it
+    repeats no document of an earlier partition; each is read once, and its hashes cached."""
+    if not todo:
+        return {}
+    client = connect()
+    mb = sum(p.nbytes for p in todo) / 1e6
+    step(f"encoding {len(todo)} of {n_parts} partitions ({mb:.1f} MB) on {n_workers(client)} Dask workers")
+    hashes_dir = Path(spec.out_dir) / encode.HASHES
+    calls = [(p, None, spec, "", str(hashes_dir / f"{encode.source_key(p, spec.rules)}.npz")) for p in todo]
+    futures = largest_first(client, encode.encode_partition, calls)
+    return {r.index: r for r in encode_progress(futures, {p.index: p.nbytes for p in todo})}
+
+
+def settle_pass(connect, parts: list[Partition], hashes: list[encode.HashResult], guessed: dict[int, encode.PartitionResult],
+                spec: encode.EncodeSpec, dirs: list[Path]) -> list[encode.PartitionResult]:
+    """Every partition's shards with the corpus-wide dedup: a first-pass guess where it holds, else
+    that guess repacked without the repeats, else a finished partition with the right encode
+    key, else encoded."""
     drops = encode.find_duplicates([h.hashes for h in hashes])
     results: list[encode.PartitionResult] = []
-    todo = []
+    repack, encode_again = [], []
     for part, drop in zip(parts, drops):
         key = encode.encode_key(encode.source_key(part, spec.rules), drop, spec)
-        found = incremental.find_partition(dirs, key, part.index)
-        if found is not None:
+        guess = guessed.get(part.index)
+        if guess is not None and guess.key == key:
+            results.append(guess)
+        elif guess is not None:  # it repeats an earlier partition: no record may name shards about to change
+            (dirs[0] / encode.PARTS / f"{guess.key}.json").unlink(missing_ok=True)
+            repack.append((replace(guess, hashes=None), drop, spec, key))
+        elif (found := incremental.find_partition(dirs, key, part.index)) is not None:
             results.append(found)
         else:
-            todo.append((part, drop, key))
-    step(f"encoding {len(todo)} of {len(parts)} partitions ({len(results)} reused)")
-    futures = largest_first(client, encode.encode_partition, [(part, drop, spec, key) for part, drop, key in todo])
-    results += encode_progress(futures, {p.index: p.nbytes for p, _, _ in todo})
+            encode_again.append((part, drop, spec, key))
+    step(f"dedup across partitions: {len(repack)} partitions repacked, {len(encode_again)} encoded, "
+         f"{sum(r.reused for r in results)} reused")
+    nbytes = {p.index: p.nbytes for p in parts}
+    for fn, calls in ((encode.drop_repeats, repack), (encode.encode_partition, encode_again)):
+        if calls:
+            results += encode_progress(largest_first(connect(), fn, calls, [nbytes[c[0].index] for c in calls]), nbytes)
     return sorted(results, key=lambda r: r.index)
 
 
-def largest_first(client, fn, calls: list[tuple]) -> list:
-    """Futures of fn(*call), the largest partitions scheduled first, so no big one is left for the end."""
-    return [client.submit(fn, *call, priority=call[0].nbytes, pure=False) for call in calls]
+def largest_first(client, fn, calls: list[tuple], sizes: list[int] | None = None) -> list:
+    """Futures of fn(*call), the largest partitions (`sizes`, or the calls' first argument's
+    nbytes) scheduled first, so no big one is left for the end."""
+    sizes = sizes or [call[0].nbytes for call in calls]
+    return [client.submit(fn, *call, priority=size, pure=False) for call, size in zip(calls, sizes)]
 
 
 def n_workers(client) -> int:

@@ -17,8 +17,8 @@ from preprocess_helpers import sentence, small_tokenizer, write
 from tasks import incremental
 from tasks.atomic import sha256_file
 from tasks.documents import DocRules
-from tasks.encode import (EncodeSpec, encode_key, encode_partition, find_duplicates, hash_partition, load_hashes,
-                          source_key)
+from tasks.encode import (EncodeSpec, drop_repeats, encode_key, encode_partition, find_duplicates, hash_partition,
+                          load_hashes, source_key)
 from tasks.partitions import Partition, plan_partitions
 from tasks.shards import read_rows
 from tasks.sources import Piece
@@ -157,6 +157,43 @@ def test_encode_partition_writes_shards_and_drops_duplicates(tmp_path, sp_model)
     kept = seen["train"] + seen["val"]
     assert len(kept) == len(set(kept)) >= 55  # no document twice; at most the tails are lost
     assert set(kept) <= set(lines)
+
+
+def test_a_first_pass_drops_only_repeats_within_its_partition_and_names_its_guess(tmp_path, sp_model):
+    r = random.Random(4)
+    lines = [sentence(r, i) for i in range(50)]
+    path = write(tmp_path / "in" / "a.txt", "\n".join(lines + lines[:7]) + "\n")
+    part, spec = part_of(path, index=2), encode_spec(sp_model, tmp_path / "out")
+
+    guess = encode_partition(part, None, spec, hashes_dest=str(tmp_path / "out" / "h.npz"))
+
+    assert guess.stats["dropped_duplicate"] == 7
+    local = find_duplicates([guess.hashes])[0]
+    assert guess.key == encode_key(source_key(part, spec.rules), local, spec)
+    assert (tmp_path / "out" / "parts" / f"{guess.key}.json").is_file()
+    assert load_hashes(2, tmp_path / "out" / "h.npz").hashes.tolist() == guess.hashes.tolist()
+    assert guess.hash_result().hashes.tolist() == hash_partition(part, spec.rules).hashes.tolist()
+    again = encode_partition(part, local, spec, key="known")
+    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in guess.shards]
+
+
+@pytest.mark.parametrize("dropped", [[0, 3, 4, 20, 41, 42, 59], list(range(59)), []])
+def test_dropping_repeats_from_a_first_pass_equals_encoding_without_them(tmp_path, sp_model, dropped):
+    r = random.Random(5)
+    lines = [sentence(r, i) for i in range(60)]
+    path = write(tmp_path / "in" / "a.txt", "\n".join(lines + lines[10:13]) + "\n")
+    part, spec = part_of(path, index=4), encode_spec(sp_model, tmp_path / "guessed")
+    guess = encode_partition(part, None, spec)
+    drop = np.array(sorted({*dropped, 60, 61, 62}), np.int64)  # the repeats within it stay dropped
+
+    repacked = drop_repeats(guess, drop, spec, key="settled")
+    encoded = encode_partition(part, drop, encode_spec(sp_model, tmp_path / "fresh"), key="settled")
+
+    assert [(s["path"], s["sha256"]) for s in repacked.shards] == [(s["path"], s["sha256"]) for s in encoded.shards]
+    assert {k: v for k, v in repacked.stats.items() if k != "seconds_in_workers"} == \
+           {k: v for k, v in encoded.stats.items() if k != "seconds_in_workers"}
+    assert sorted(p.name for p in (tmp_path / "guessed").glob("*.arrow")) == sorted(s["path"] for s in encoded.shards)
+    assert (tmp_path / "guessed" / "parts" / "settled.json").is_file()
 
 
 def test_packing_puts_eos_between_documents_and_loses_no_token_but_the_tail(tmp_path, sp_model):

@@ -89,8 +89,19 @@ def preprocess_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataCo
     manifest = assemble_manifest(corpus, tokenizer, data, classify, spec, parts, scans, selection, results)
     manifest["stats"]["seconds"] = round(time.time() - started, 2)
     write_json(manifest_path, manifest)
+    remove_stale_temp_files(out, started)
     summarize(manifest)
     return manifest_path
+
+
+def remove_stale_temp_files(out: Path, before: float) -> None:
+    """Temp files a killed run left behind (hidden `.name.xxx.tmp`); never a file of a live writer."""
+    for tmp in out.glob(".*.tmp"):
+        try:
+            if tmp.stat().st_mtime < before:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def scan_pass(client, parts: list[Partition], source: LabelledSource) -> list[ScanResult]:

@@ -5,6 +5,7 @@ The end-to-end runs reuse one small tokenizer, so no test trains one.
 """
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from tasks.documents import DocRules, LabelRules, Tally, read_labelled
 from tasks.labelled import ScanResult, select_documents, stratified_val
 from tasks.partitions import plan_partitions
 from tasks.preprocess import preprocess_corpus
-from tasks.preprocess_classify import preprocess_labelled
+from tasks.preprocess_classify import labelled_output, preprocess_labelled
 from tasks.shards import PAD_ID, LabelledShardSet, read_labelled as read_shard
 from tasks.sources import Piece
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
@@ -254,7 +255,13 @@ def run(root: Path, corpus_path: Path, tokenizer, workers: int = 1, max_len: int
 
 def test_labelled_shards_end_to_end(tmp_path, tokenizer):
     path = labelled_corpus(tmp_path)
+    entry = CorpusEntry(paths=[str(path)], format="jsonl", label_field="y", labels=["cat", "dog", "3"])
+    _, _, out = labelled_output(resolve_entry("pets", entry, tmp_path), TokenizerConfig(), DataConfig(val_fraction=0.1,
+                                partition_bytes=4096), ClassifyConfig(max_len=16), tmp_path / "shards", tokenizer[0])
+    leftover = write(out / ".train-00000.arrow.x1.tmp", "a killed run's partial shard")
+    os.utime(leftover, (0, 0))
     manifest_path = run(tmp_path, path, tokenizer, labels=["cat", "dog", "3"])
+    assert manifest_path.parent == out and not leftover.exists()
     m = mf.verify(manifest_path)
     assert m is not None and m["task"] == "classify" and m["row_len"] == 16
     assert manifest_path.parent.name.startswith("pets-cls-")

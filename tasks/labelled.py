@@ -85,31 +85,43 @@ class Selection:
 
 
 def select_documents(scans: list[ScanResult], declared: list[str] | None, val_fraction: float) -> Selection:
-    """Dedup by text across the corpus (the first wins; a repeat with another label is a
-    conflict), fix the label set (declared, else the sorted labels kept) and split."""
+    """Dedup by text across the corpus, fix the label set (declared, else the sorted labels
+    kept) and split; the decisions are cut back into per-partition arrays."""
+    observed, hashes, labels = _flatten(scans)
+    repeat, tally = dedup(hashes, labels, observed)
+    names = list(declared) if declared else sorted({observed[i] for i in np.unique(labels[~repeat])})
+    to_id = np.array([names.index(n) if n in names else -1 for n in observed] + [-1], np.int32)
+    ids = np.where(repeat, -1, to_id[labels])
+    val = stratified_val(hashes, ids, len(names), val_fraction)
+    bounds = np.cumsum([0] + [len(s.hashes) for s in scans])
+    cut = lambda a: [a[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # noqa: E731
+    return Selection(names, cut(ids), cut(val), tally)
+
+
+def _flatten(scans: list[ScanResult]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The sorted labels seen, and every document's hash and index into them, in corpus order."""
     observed = sorted({n for s in scans for n in s.names})
     index = {n: i for i, n in enumerate(observed)}
-    flat = np.concatenate([s.hashes for s in scans]) if scans else np.empty(0, np.uint64)
-    labels = np.concatenate([np.array([index[n] for n in s.names] or [0], np.int32)[s.codes] for s in scans]
-                            ) if scans else np.empty(0, np.int32)
-    _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+    hashes = np.concatenate([np.empty(0, np.uint64), *(s.hashes for s in scans)])
+    labels = np.concatenate([np.empty(0, np.int32),
+                             *(np.array([index[n] for n in s.names] + [0], np.int32)[s.codes] for s in scans)])
+    return observed, hashes, labels
+
+
+def dedup(hashes: np.ndarray, labels: np.ndarray, names: list[str]) -> tuple[np.ndarray, Tally]:
+    """Which documents repeat an earlier text (the first one wins), with the repeats counted:
+    as duplicates, or as label conflicts when the earlier copy has another label."""
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     winner = first[inverse]
-    repeat = np.arange(len(flat)) != winner
+    repeat = np.arange(len(hashes)) != winner
     conflict = repeat & (labels != labels[winner])
     tally = Tally()
     tally.counts["dropped_duplicate"] = int((repeat & ~conflict).sum())
     if conflict.any():
         k = int(np.flatnonzero(conflict)[0])
         tally.counts["dropped_label_conflict"] = int(conflict.sum())
-        tally.first["dropped_label_conflict"] = f"a text labelled '{observed[labels[winner[k]]]}' repeated as '{observed[labels[k]]}'"
-    kept_names = sorted({observed[i] for i in np.unique(labels[~repeat])})
-    names = list(declared) if declared else kept_names
-    to_id = np.array([names.index(n) if n in names else -1 for n in observed] or [-1], np.int32)
-    ids = np.where(repeat, -1, to_id[labels] if len(labels) else labels)
-    val = stratified_val(flat, ids, len(names), val_fraction)
-    bounds = np.cumsum([0] + [len(s.hashes) for s in scans])
-    cut = lambda a: [a[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # noqa: E731
-    return Selection(names, cut(ids), cut(val), tally)
+        tally.first["dropped_label_conflict"] = f"a text labelled '{names[labels[winner[k]]]}' repeated as '{names[labels[k]]}'"
+    return repeat, tally
 
 
 def stratified_val(hashes: np.ndarray, ids: np.ndarray, n_classes: int, val_fraction: float) -> np.ndarray:

@@ -100,6 +100,19 @@ def test_directory_per_class_labels_are_the_directory_below_the_static_root(tmp_
                                                                   "d.txt": "neutral"}
 
 
+def test_catalog_show_names_the_task_and_where_labels_come_from(tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenmill.cli_data import app
+
+    jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "p"}])
+    cat = write(tmp_path / "catalog.yaml", json.dumps({"corpora": {
+        "c": {"paths": ["d.jsonl"], "format": "jsonl", "label_field": "y", "labels": ["p", "q"]}}}))
+    shown = CliRunner().invoke(app, ["catalog", "show", "c", "--catalog", str(cat)])
+    assert shown.exit_code == 0
+    assert "task         classify" in shown.stdout and "labels       field 'y'; labels p, q" in shown.stdout
+
+
 def test_the_bundled_demo_is_labelled_by_package():
     corpus = resolve_corpus("stdlib-packages")
     assert corpus.entry.task == "classify" and corpus.entry.format == "paragraphs"

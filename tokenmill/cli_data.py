@@ -75,6 +75,11 @@ def show(
         _echo(f"{corpus.name}: {e.description or '(no description)'}")
         _echo(f"  license      {e.license}")
         _echo(f"  format       {e.format}" + (f" (text field '{e.text_field}')" if e.format in ("jsonl", "parquet", "auto") else ""))
+        _echo(f"  task         {e.task}")
+        if e.labelled:
+            source = f"field '{e.label_field}'" if e.label_field else "one directory per class"
+            declared = f"; labels {', '.join(e.labels)}" if e.labels else ""
+            _echo(f"  labels       {source}{declared}")
         for section in ("data", "tokenizer"):
             if getattr(e, section):
                 _echo(f"  {section:<12} {json.dumps(getattr(e, section), sort_keys=True)}")

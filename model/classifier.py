@@ -65,8 +65,9 @@ class GPTClassifier(nn.Module):
         """Return (logits (B, n_classes), loss).
 
         idx (B, T) right-padded token ids, lengths (B,) real tokens per row. With targets
-        (B,): the float32 cross-entropy, weighted per class by class_weight (n_classes,)
-        when given (a weighted mean, as F.cross_entropy defines it). Without: None.
+        (B,): the mean float32 cross-entropy over the documents, each scaled by its class's
+        class_weight (n_classes,) when given. The mean is over B, not over the weights, so
+        micro-batches and ranks average to exactly the loss of one big batch. Without: None.
         """
         if lengths.dim() != 1 or lengths.size(0) != idx.size(0):
             raise ValueError(f"lengths must have shape ({idx.size(0)},), got {tuple(lengths.shape)}")
@@ -75,7 +76,10 @@ class GPTClassifier(nn.Module):
         loss = None
         if targets is not None:
             # float32 so a bf16 autocast does not round the loss
-            loss = F.cross_entropy(logits.float(), targets, weight=class_weight)
+            if class_weight is None:
+                loss = F.cross_entropy(logits.float(), targets)
+            else:
+                loss = F.cross_entropy(logits.float(), targets, weight=class_weight, reduction="sum") / targets.size(0)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -12,7 +12,7 @@ per-class precision and recall and a confusion-matrix plot, and has no generatio
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,7 +102,7 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
     """Score freshly trained weights (a `TrainResult`), write the report beside them, and log it
     all to the run. A verified earlier evaluation of the same weights on the same eval set is
     reused unless `refresh`."""
-    local = replace(from_manifest(trained.weights, trained.gpt_config, manifest_path), head=getattr(trained, "head", None))
+    local = from_manifest(trained.weights, trained.gpt_config, manifest_path, getattr(trained, "head", None))
     manifest = json.loads(Path(manifest_path).read_text())
     key = stage_cache.eval_key(trained.weights_sha256, mf.eval_set_sha(manifest, cfg.max_rows), cfg)
     models_root = Path(trained.weights).parent.parent

@@ -128,7 +128,8 @@ def test_class_weights_are_inverse_frequency_with_mean_one_and_change_the_loss()
     logits, plain = model(idx, lengths, targets)
     _, weighted = model(idx, lengths, targets, weight)
     assert plain.dtype == torch.float32
-    torch.testing.assert_close(weighted, F.cross_entropy(logits, targets, weight=weight))
+    # Each document's loss scaled by its class weight, averaged over documents (not over weights).
+    torch.testing.assert_close(weighted, (weight[targets] * F.cross_entropy(logits, targets, reduction="none")).mean())
     assert abs(weighted.item() - plain.item()) > 1e-4
 
 
@@ -234,6 +235,28 @@ def test_class_weights_change_training_on_imbalanced_labels(tmp_path):
     trainer.train(skewed, classify_config(max_steps=2), tmp_path / "plain", plain)
     trainer.train(skewed, classify_config(max_steps=2, classify={"class_weights": True}), tmp_path / "weighted", weighted)
     assert plain.series("train_loss")[0] != pytest.approx(weighted.series("train_loss")[0], abs=1e-4)
+
+
+def test_accumulation_and_two_fsdp_ranks_equal_one_big_weighted_batch(tmp_path):
+    from tasks.launch import Topology, run_training
+
+    skewed = write_labelled_corpus(tmp_path / "skewed", n_train=64, n_val=16, label_p=[0.7, 0.1, 0.1, 0.1])
+    weighted = {"class_weights": True}
+    runs = {name: Recorder() for name in ("big", "accumulated", "ranks")}
+    big = trainer.train(skewed, classify_config(max_steps=3, batch_size=8, classify=weighted), tmp_path / "big", runs["big"])
+    others = [
+        trainer.train(skewed, classify_config(max_steps=3, batch_size=4, tokens_per_step=8 * MAX_LEN, classify=weighted),
+                      tmp_path / "acc", runs["accumulated"]),
+        run_training(skewed, classify_config(max_steps=3, batch_size=4, parallel="fsdp", classify=weighted),
+                     tmp_path / "fsdp", runs["ranks"], topology=Topology(nproc_per_node=2)),
+    ]
+    reference = torch.load(big.weights, weights_only=True)
+    for name, other in zip(("accumulated", "ranks"), others):
+        np.testing.assert_allclose(runs[name].series("train_loss"), runs["big"].series("train_loss"), rtol=0, atol=1e-5)
+        assert other.head == big.head and other.tokens == big.tokens
+        state = torch.load(other.weights, weights_only=True)
+        for key, tensor in reference.items():  # Adam magnifies float noise in near-zero gradients
+            torch.testing.assert_close(state[key], tensor, atol=1e-3, rtol=0)
 
 
 def test_task_in_config_must_match_the_shards(corpus, tmp_path):

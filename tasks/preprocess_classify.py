@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from data_catalog.loader import Corpus
@@ -86,7 +87,7 @@ def preprocess_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataCo
         tok_path, tok_sha = obtain_tokenizer(corpus, source.rules, tokenizer, data.seed, dirs, reused)
         spec = LabelledEncodeSpec(source, str(tok_path), tok_sha, classify.max_len, str(out))
         results = encode_pass(client, parts, selection, spec)
-    manifest = assemble_manifest(corpus, tokenizer, data, classify, spec, parts, scans, selection, results)
+    manifest = assemble_manifest(corpus, tokenizer, data, classify, spec, parts, selection, results)
     manifest["stats"]["seconds"] = round(time.time() - started, 2)
     write_json(manifest_path, manifest)
     remove_stale_temp_files(out, started)
@@ -164,17 +165,13 @@ def report_labels(corpus: Corpus, selection: Selection, present: list[str]) -> N
 
 def encode_pass(client, parts: list[Partition], selection: Selection, spec: LabelledEncodeSpec) -> list[dict]:
     step(f"encoding {len(parts)} partitions, one row of up to {spec.max_len} tokens per document")
-    futures = [client.submit(encode_labelled_partition, p, ids, val,
-                             LabelledEncodeSpec(_for_partition(spec.source, p), *_tail(spec)), priority=p.nbytes, pure=False)
+    futures = [client.submit(encode_labelled_partition, p, ids, val, replace(spec, source=_for_partition(spec.source, p)),
+                             priority=p.nbytes, pure=False)
                for p, ids, val in zip(parts, selection.label_ids, selection.val)]
     return sorted(client.gather(futures), key=lambda r: r["index"])
 
 
-def _tail(spec: LabelledEncodeSpec) -> tuple:
-    return spec.tokenizer_path, spec.tokenizer_sha256, spec.max_len, spec.out_dir
-
-
-def assemble_manifest(corpus, tokenizer, data, classify, spec, parts, scans, selection, results) -> dict:
+def assemble_manifest(corpus, tokenizer, data, classify, spec, parts, selection, results) -> dict:
     stats: Counter = Counter()
     for r in results:
         stats.update(r["stats"])

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pydantic import ValidationError
 
 from data_catalog.loader import CorpusEntry, fingerprint, load_catalog, resolve_corpus, resolve_entry
 from preprocess_helpers import sentence, small_tokenizer, write

@@ -314,7 +314,9 @@ def train(
             window_start, window_step = now, done
         side_start = time.perf_counter()  # eval and checkpoints are timed apart from training
         if done % t.eval_interval == 0 and done != t.max_steps:
-            tracker.log_metrics(data.evaluate(net, t.eval_batches * t.batch_size, t.batch_size, device, autocast), step=done)
+            val = data.evaluate(net, t.eval_batches * t.batch_size, t.batch_size, device, autocast)
+            if val:
+                tracker.log_metrics(val, step=done)
         if done == t.max_steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
             payload = snapshot(done)
             if payload is not None:

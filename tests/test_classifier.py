@@ -31,7 +31,7 @@ MAX_LEN = 24
 OWN = 6  # tokens owned by each class: class c owns 1 + c*OWN .. (c+1)*OWN; the rest are shared
 
 
-def write_labelled_corpus(root: Path, n_train=320, n_val=160, seed=0, tokenizer=b"synthetic",
+def write_labelled_corpus(root: Path, n_train=800, n_val=160, seed=0, tokenizer=b"synthetic",
                           label_p=None) -> Path:
     """Labelled shards where a document's own-class tokens decide its label, and their manifest."""
     root.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     tracker = Recorder()
-    cfg = classify_config(max_steps=60, eval_interval=30)
+    cfg = classify_config(max_steps=100, lr=3e-3, eval_interval=50)
     return trainer.train(corpus, cfg, tmp_path_factory.mktemp("run"), tracker), tracker, cfg
 
 

@@ -44,6 +44,15 @@ def test_last_position_logits_match_full_forward():
     torch.testing.assert_close(last[:, 0], full[:, -1])
 
 
+def test_features_are_the_normed_states_the_head_scores():
+    model = tiny_model()
+    idx, targets = random_batch(model.config.vocab_size, B=2, T=12)
+    x = model.features(idx)
+    assert x.shape == (2, 12, model.config.n_embd)
+    torch.testing.assert_close(model.features(idx[:, :5]), x[:, :5], atol=1e-5, rtol=0)  # causal: blind to what follows
+    torch.testing.assert_close(model.lm_head(x), model(idx, targets)[0])
+
+
 def test_initial_loss_is_near_uniform():
     model = tiny_model()
     idx, targets = random_batch(model.config.vocab_size, B=4, T=64)

@@ -3,7 +3,10 @@ pool) and mirrored in deploy/prefect.yaml for work-pool deployments.
 
 - nightly-retrain: a cron schedule, corpus and preset as parameters, warm-started from the champion;
 - retrain-on-corpus-update: triggered by the `tokenmill.corpus.updated` event;
-- promote: run by hand.
+- promote: run by hand (`model_name=tokenmill-classifier` for the classifier).
+
+A labelled corpus trains a classifier (its catalog entry's task) unless `task` says otherwise;
+the nightly warm start then continues from the classifier's own champion.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ def corpus_update_trigger() -> DeploymentEventTrigger:
     )
 
 
-def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON):
-    params = {"corpus": corpus, "preset": preset}
+def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON, task: str | None = None):
+    params = {"corpus": corpus, "preset": preset, **({"task": task} if task else {})}
     return [
         run_pipeline.to_deployment(name="nightly-retrain", cron=cron, parameters={**params, "warm_start": True},
                                    tags=["tokenmill"]),
@@ -38,9 +41,10 @@ def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON):
     ]
 
 
-def serve_all(corpus: str = "python-stdlib", preset: str = "default", cron: str | None = NIGHTLY_CRON) -> None:
+def serve_all(corpus: str = "python-stdlib", preset: str = "default", cron: str | None = NIGHTLY_CRON,
+              task: str | None = None) -> None:
     """Register the deployments with the Prefect server and run their flow runs in this process."""
-    serve(*deployments(corpus, preset, cron), print_starting_message=True)
+    serve(*deployments(corpus, preset, cron, task), print_starting_message=True)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ def run_pipeline(
     warm_start: bool = False,
     task: str | None = None,
 ) -> dict:
-    overrides = [*(overrides or []), *([f"task={task}"] if task else [])]
-    plan = plan_run_task(corpus, preset, overrides, catalog, max_steps)
+    plan = plan_run_task(corpus, preset, overrides, catalog, max_steps, task)
     cfg = plan.config
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root)
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,

@@ -71,19 +71,22 @@ def train_model(
     refresh: bool = False,
     init: LocalModel | None = None,
 ) -> trainer.TrainResult:
-    """Train on the manifest's train split (from `init_from` weights when given); log per-step
+    """Train on the manifest's train split (a language model or, on labelled shards, a
+    classifier; from `init_from` weights or a registered `init` model when given); log per-step
     metrics to `run_id`. Runs `cfg.train.nproc_per_node` ranks through torchrun when > 1.
     A verified earlier result for the same inputs is reused unless `refresh`."""
     from prefect.runtime import task_run
 
-    if init is not None:  # a registered model: weights, shapes and tokenizer sha in one
+    init_head = None
+    if init is not None:  # a registered model: weights, shapes, tokenizer sha and a classifier's head in one
         init_from, init_gpt_config, init_tokenizer_sha256 = init.weights, init.gpt_config, init.tokenizer_sha256
+        init_head = init.head
     key = stage_cache.train_key(manifest_path, cfg, init_from)
     tracker = RecordingTracker(tracker_for(run_id))
     if not refresh and (cached := reuse_training(models_root, key, tracker)):
         return cached
     out_dir, owned = run_dir(models_root, run_id, task_run.id)
-    warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256) if init_from else None
+    warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256, init_head) if init_from else None
     device = trainer.pick_device(cfg.train.device)
     ranks = f" x {cfg.train.nproc_per_node} ranks" if cfg.train.nproc_per_node > 1 else ""
     step(f"training on {device}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.train.max_steps} steps")

@@ -42,15 +42,9 @@ class Task(str, Enum):
     classify = "classify"
 
 
-def task_override(task: Task | None) -> list[str]:
-    """`--task` as the `--set` it stands for, so it takes the place of an override in the precedence."""
-    return [f"task={task.value}"] if task else []
-
-
 def require_labels(plan) -> None:
     """A classifier needs a labelled corpus: say which catalog fields make one, before anything is written."""
-    entry = plan.corpus.entry
-    if plan.config.task == "classify" and not (getattr(entry, "label_field", None) or getattr(entry, "label_dirs", False)):
+    if plan.config.task == "classify" and not plan.corpus.entry.labelled:
         raise TokenmillError(
             f"corpus '{plan.corpus.name}' has no labels, so it cannot train a classifier: set label_field "
             f"(JSON Lines or Parquet) or label_dirs: true (one directory per class) in its catalog entry, or use --task lm"
@@ -75,8 +69,8 @@ def run(
         runtime.configure_env()
         from tokenmill.plan import plan_run
 
-        set_ = [*set_, *task_override(task)]
-        require_labels(plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps))  # fail before writing
+        task_name = task.value if task else None
+        require_labels(plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name))  # fail before writing
         runtime.configure()
         from flows.pipeline import run_pipeline
         from tasks.policy import hide_user_error_tracebacks
@@ -85,7 +79,7 @@ def run(
 
         summary = run_pipeline(
             corpus=corpus, preset=preset, overrides=set_, catalog=str(catalog) if catalog else None,
-            max_steps=max_steps, refresh=refresh, init_from=init_from, warm_start=warm_start,
+            max_steps=max_steps, refresh=refresh, init_from=init_from, warm_start=warm_start, task=task_name,
         )
         print_summary(summary)
         if as_json:
@@ -201,6 +195,7 @@ def serve(
     corpus: str = typer.Option("python-stdlib", help="Corpus for the scheduled and triggered runs."),
     preset: str = typer.Option("default", help="Preset for the scheduled and triggered runs."),
     cron: str = typer.Option("0 3 * * *", help="Schedule of nightly-retrain (cron, server time zone)."),
+    task: Optional[Task] = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
 ) -> None:
     """Serve the three deployments from this process against PREFECT_API_URL."""
     with user_errors():
@@ -211,13 +206,13 @@ def serve(
         runtime.configure_env()
         from tokenmill.plan import plan_run
 
-        plan_run(corpus, preset)
+        require_labels(plan_run(corpus, preset, task=task.value if task else None))
         runtime.configure()
         from flows.deployments import serve_all
         from tasks.policy import hide_user_error_tracebacks
 
         hide_user_error_tracebacks()
-        serve_all(corpus, preset, cron)
+        serve_all(corpus, preset, cron, task.value if task else None)
 
 
 @app.command()

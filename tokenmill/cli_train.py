@@ -109,6 +109,12 @@ def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256
 
     topology = Topology(cfg.train.nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
     warm = checkpoint.warm_start_source(init_from, None, init_tokenizer_sha256) if init_from else None
+    if warm is not None and warm.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:  # before any training output
+        raise TokenmillError(
+            f"cannot warm-start from {init_from}: it was trained with tokenizer {warm.tokenizer_sha256[:12]}, "
+            f"the shards {shards} use {manifest['tokenizer']['sha256'][:12]}; train on shards built with its "
+            f"tokenizer (tokenizer.reuse=<its tokenizer.model>) or from scratch"
+        )
     earlier = checkpoint.list_checkpoints(Path(out_dir) / CHECKPOINTS)
     if earlier and not resume:
         raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "

@@ -250,12 +250,7 @@ def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str,
     if source.tokenizer_sha256 != tokenizer_sha256:
         diffs.insert(0, f"tokenizer {source.tokenizer_sha256[:12]} (source) vs {tokenizer_sha256[:12]} (this run)")
     state = torch.load(source.weights, map_location="cpu", weights_only=True) if not diffs else {}
-    own = model.state_dict()
-    for name in sorted(set(own) | set(state)) if state else []:  # the weights themselves, in case the card is wrong
-        if name not in state or name not in own:
-            diffs.append(f"{name} only in the {'source' if name in state else 'new model'}")
-        elif state[name].shape != own[name].shape:
-            diffs.append(f"{name} {tuple(state[name].shape)} (source) vs {tuple(own[name].shape)} (this run)")
+    diffs += state_differences(state, model.state_dict()) if state else []
     if diffs:
         raise TokenmillError(
             f"cannot warm-start from {source.weights}: {'; '.join(diffs[:6])}; "
@@ -263,6 +258,17 @@ def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str,
         )
     model.load_state_dict(state)
     return f"warm start: all weights from {source.weights}"
+
+
+def state_differences(source: dict, own: dict) -> list[str]:
+    """Tensors only one side has, or of another shape: the weights themselves, in case a card is wrong."""
+    diffs = []
+    for name in sorted(set(own) | set(source)):
+        if name not in source or name not in own:
+            diffs.append(f"{name} only in the {'source' if name in source else 'new model'}")
+        elif source[name].shape != own[name].shape:
+            diffs.append(f"{name} {tuple(source[name].shape)} (source) vs {tuple(own[name].shape)} (this run)")
+    return diffs
 
 
 def describe_head(head: dict | None) -> str:
@@ -293,12 +299,7 @@ def warm_start_classifier(model: torch.nn.Module, source: WarmStart, tokenizer_s
     diffs = [d for d in shape_differences(source.gpt_config, target) if not d.startswith("block_size ")]
     state = torch.load(source.weights, map_location="cpu", weights_only=True) if not diffs else {}
     backbone, head_state = split_classifier_state(state)
-    own = model.backbone.state_dict()
-    for name in sorted(set(own) | set(backbone)) if state else []:  # the weights themselves, in case the card is wrong
-        if name not in backbone or name not in own:
-            diffs.append(f"{name} only in the {'source' if name in backbone else 'new model'}")
-        elif backbone[name].shape != own[name].shape:
-            diffs.append(f"{name} {tuple(backbone[name].shape)} (source) vs {tuple(own[name].shape)} (this run)")
+    diffs += state_differences(backbone, model.backbone.state_dict()) if state else []
     if diffs:
         raise TokenmillError(
             f"cannot warm-start from {source.weights}: {'; '.join(diffs[:6])}; "
@@ -307,6 +308,11 @@ def warm_start_classifier(model: torch.nn.Module, source: WarmStart, tokenizer_s
     model.backbone.load_state_dict(backbone)
     if not head_state:
         return f"warm start: backbone from the language model {source.weights}; new head for {model.n_classes} classes"
+    return load_head(model, source, head_state, head)
+
+
+def load_head(model: torch.nn.Module, source: WarmStart, head_state: dict, head: dict | None) -> str:
+    """Take a source classifier's head only for the same labels and pooling (the scheduled retrain)."""
     source_head = {k[len("head."):]: v for k, v in head_state.items() if k.startswith("head.")}
     fits = {k: v.shape for k, v in source_head.items()} == {k: v.shape for k, v in model.head.state_dict().items()}
     same = (source.head is not None and head is not None and list(source.head.get("labels", [])) == list(head["labels"])

@@ -35,7 +35,6 @@ from tasks import checkpoint, parallel
 from tasks.atomic import atomic_path
 from tasks.checkpoint import WarmStart
 from tasks.training_data import manifest_task, open_task_data
-from tokenmill import console
 from tokenmill.errors import TokenmillError
 
 CHECKPOINTS = "checkpoints"
@@ -244,7 +243,9 @@ def train(
     if warm is not None and payload is None:
         loaded = checkpoint.warm_start(model, warm, tokenizer_sha, data.head)
         if ranks.main and data.head is not None:  # what a classifier took from its source
-            console.step(loaded)
+            from tokenmill.console import step  # here: a bare GPU box can run the trainer without rich
+
+            step(loaded)
     model.to(device)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device, t.peak_flops)
     net = parallel.parallelize(model, device=device, ranks=ranks, mode=t.parallel, compile=t.compile)

@@ -293,6 +293,16 @@ def test_warm_start_from_a_language_model_loads_the_backbone(corpus, language_mo
         warm_start(wider, source, sha)
 
 
+def test_training_warm_starts_a_classifier_and_says_what_it_loaded(corpus, language_model, tmp_path, capfd):
+    source = warm_start_source(language_model.weights)
+    result = trainer.train(corpus, classify_config(max_steps=1, lr=1e-9, warmup_steps=0), tmp_path, warm=source)
+    assert "backbone from the language model" in capfd.readouterr().err
+    state = torch.load(result.weights, weights_only=True)
+    lm = torch.load(language_model.weights, weights_only=True)
+    for name, tensor in lm.items():  # one step at lr 1e-9 leaves the backbone where it started
+        torch.testing.assert_close(state[f"backbone.{name}"], tensor, atol=1e-6, rtol=0)
+
+
 def test_warm_start_from_another_tokenizer_is_a_clear_error(tmp_path, language_model):
     other = write_labelled_corpus(tmp_path / "other", n_train=32, n_val=8, tokenizer=b"another tokenizer")
     source = warm_start_source(language_model.weights)

@@ -16,6 +16,9 @@ model), it measures:
           hashes, encodes, packs and writes each partition, the corpus-wide dedup settled
           after it, manifest), with nothing reused.
 Peak memory is the RSS summed over the process and all its children, sampled every 50 ms.
+CPU time is user + system time of the process and all its (finished) children, so it counts
+every Dask and Pool worker; on a shared, busy box it shows the work each method costs even
+when the wall time mostly shows what other jobs left over.
 The scale test runs `ours` at `--scale-from-mb` and at `--synthetic-mb` (8x by default).
 """
 
@@ -27,6 +30,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -46,6 +50,12 @@ from tasks.documents import DocRules, Tally, read_documents  # noqa: E402
 from tokenmill.config import DataConfig, TokenizerConfig  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "ven", "dor", "al", "is", "or", "eth", "um", "pra", "gle", "ton"]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and every child it has waited for."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 class PeakRss:
@@ -219,10 +229,13 @@ def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Pa
     del docs
     pools, mine = [], []
     for _ in range(reps):
+        cpu = cpu_seconds()
         with PeakRss() as rss:
             pools.append({**pool_peer(corpus, model_path, workers, work / f"{name}-pool.bin"), "rss": rss.peak})
+        pools[-1]["cpu"], cpu = cpu_seconds() - cpu, cpu_seconds()
         with PeakRss() as rss:
             mine.append({**ours(corpus_ref, model_path, workers, work / f"{name}-shards", data), "rss": rss.peak})
+        mine[-1]["cpu"] = cpu_seconds() - cpu
         shutil.rmtree(work / f"{name}-shards")
     pool, best = min(pools, key=lambda r: r["seconds"]), min(mine, key=lambda r: r["seconds"])
     limit = raw["mb_s"] * workers
@@ -235,6 +248,8 @@ def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Pa
         "ours_peak_rss_mb": round(max(r["rss"] for r in mine) / 1e6),
         "ours_over_limit": round(mb / best["seconds"] / limit, 3), "ours_over_parallel": round(mb / best["seconds"] / parallel, 3),
         "ours_over_pool": round(pool["seconds"] / best["seconds"], 3), "ours_phases": best["phases"],
+        "pool_cpu_s": [round(r["cpu"], 1) for r in pools], "ours_cpu_s": [round(r["cpu"], 1) for r in mine],
+        "pool_cpu_over_ours_cpu": round(min(r["cpu"] for r in pools) / min(r["cpu"] for r in mine), 3),
         "ours_tokens": best["tokens"], "partitions": best["partitions"],
     }
     print(json.dumps(row), flush=True)

@@ -19,6 +19,7 @@ import functools
 import io
 import itertools
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -236,9 +237,12 @@ def _save_spans(dest: Path, streams: _SplitStreams, token_streams: dict[str, np.
         positions, lengths, sizes = streams.spans[split]
         arrays |= {f"{split}_positions": np.array(positions, np.int64), f"{split}_tokens": np.array(lengths, np.int64),
                    f"{split}_bytes": np.array(sizes, np.int64), f"{split}_tail": stream[_packed(len(stream), row_len):]}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(dest, buf.getvalue())
+    # read back only by this run, so an atomic rename without fsync is enough
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, dest)
 
 
 def drop_repeats(guess: PartitionResult, drop: np.ndarray, spec: EncodeSpec, key: str) -> PartitionResult:

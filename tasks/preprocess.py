@@ -191,12 +191,16 @@ def require_documents(corpus: Corpus, hashes: list[encode.HashResult]) -> None:
     raise TokenmillError(f"corpus '{corpus.name}' has no usable documents in {len(corpus.files)} files ({why})")
 
 
+class EmptySample(TokenmillError):
+    """Not one document of the corpus survived reading and filtering for the tokenizer's sample."""
+
+
 def tokenizer_or_reason(connect, corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int,
                         dirs: list[Path], reused: Path | None, parts: list[Partition]) -> tuple[Path, str]:
-    """`obtain_tokenizer`; if it fails because the corpus has no usable document, that reason instead."""
+    """`obtain_tokenizer`; when there was nothing to train it on, why each file gave no document."""
     try:
         return obtain_tokenizer(corpus, rules, cfg, seed, dirs, reused)
-    except TokenmillError:
+    except EmptySample:
         require_documents(corpus, hash_pass(connect(), parts, rules, dirs))
         raise
 
@@ -227,14 +231,30 @@ def obtain_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed
 def build_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, out: Path) -> tuple[Path, str]:
     step(f"training {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on up to {cfg.sample_bytes / 1e6:.1f} MB of {corpus.name}")
     sample = tok.sample_sentences([f.path for f in corpus.files], rules, cfg.sample_bytes, seed)
+    first = next(sample, None)
+    if first is None:
+        raise EmptySample(f"corpus '{corpus.name}' gave no text to train a tokenizer on")
+    stopped: list[TokenmillError] = []
+
+    def sentences():
+        yield first
+        try:
+            yield from sample
+        except TokenmillError as exc:  # a fatal bad record; SentencePiece would hide it in its own error
+            stopped.append(exc)
+
     try:
         model = tok.train_sentencepiece(
-            sample, cfg.vocab_size, cfg.model_type, cfg.byte_fallback, cfg.character_coverage, os.cpu_count() or 1
+            sentences(), cfg.vocab_size, cfg.model_type, cfg.byte_fallback, cfg.character_coverage, os.cpu_count() or 1
         )
     except ValueError as exc:
+        if stopped:
+            raise stopped[0] from None
         raise TokenmillError(
             f"tokenizer training failed ({exc}); lower tokenizer.vocab_size or raise tokenizer.sample_bytes or use a larger corpus"
         ) from None
+    if stopped:
+        raise stopped[0]
     path = out / "tokenizer.model"
     write_bytes(path, model)
     return path, sha256_file(path)

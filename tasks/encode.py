@@ -61,11 +61,12 @@ class PartitionResult:
     stats: Counter = field(default_factory=Counter)
     first: dict[str, str] = field(default_factory=dict)  # where each drop reason was first seen
     reused: bool = False
+    repacked: bool = False  # cut from a first pass's shards by drop_repeats, not encoded
     hashes: np.ndarray | None = None  # every document's hash, in reading order; not recorded
 
     def to_json(self) -> dict:
         return {"index": self.index, "key": self.key, "shards": self.shards, "stats": dict(self.stats),
-                "first": self.first, "reused": self.reused}
+                "first": self.first, "reused": self.reused, "repacked": self.repacked}
 
     def hash_result(self) -> HashResult:
         """What `hash_partition` would have returned for this partition (the result of a first pass)."""
@@ -73,7 +74,8 @@ class PartitionResult:
 
     @classmethod
     def from_json(cls, obj: dict) -> PartitionResult:
-        return cls(obj["index"], obj["key"], obj["shards"], Counter(obj["stats"]), obj.get("first", {}), obj.get("reused", False))
+        return cls(obj["index"], obj["key"], obj["shards"], Counter(obj["stats"]), obj.get("first", {}), obj.get("reused", False),
+                   obj.get("repacked", False))
 
 
 @dataclass
@@ -252,7 +254,7 @@ def drop_repeats(guess: PartitionResult, drop: np.ndarray, spec: EncodeSpec, key
     shards are the same bytes as `encode_partition(part, drop, spec, key)` would write."""
     started = time.perf_counter()
     out = Path(spec.out_dir)
-    result = PartitionResult(guess.index, key, stats=Counter(guess.stats), first=dict(guess.first))
+    result = PartitionResult(guess.index, key, stats=Counter(guess.stats), first=dict(guess.first), repacked=True)
     result.stats["tokens"] = result.stats["tokens_dropped_tail"] = 0
     with np.load(out / SPANS / f"{guess.key}.npz") as spans:
         for split in ("train", "val"):

@@ -344,6 +344,7 @@ def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: fl
     stats["seconds_in_workers"] = round(stats["seconds_in_workers"], 2)  # encoding partitions, summed
     stats["partitions"] = len(results)
     stats["partitions_reused"] = sum(r.reused for r in results)
+    stats["partitions_repacked"] = sum(r.repacked for r in results)
     record = json.loads((Path(spec.out_dir) / incremental.TOKENIZER_RECORD).read_text())
     return {
         "format": mf.FORMAT,
@@ -354,7 +355,8 @@ def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: fl
         "dtype": str(tok.token_dtype(sp.get_piece_size())),
         "shards": shards,
         "partitions": [
-            {"index": p.index, "key": r.key, "pieces": len(p.pieces), "bytes": p.nbytes, "reused": r.reused}
+            {"index": p.index, "key": r.key, "pieces": len(p.pieces), "bytes": p.nbytes, "reused": r.reused,
+             "repacked": r.repacked}
             for p, r in zip(parts, results)
         ],
         "config": {"tokenizer": tokenizer.model_dump(), "data": data.model_dump(), "entry": corpus.entry.model_dump()},

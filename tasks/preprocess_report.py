@@ -40,6 +40,7 @@ def summarize(manifest: dict) -> None:
         f"{s.get('duplicates', 0)} duplicates")
     say(f"  tokens     {s.get('tokens', 0):,} ({s.get('bytes_per_token', 0)} bytes/token), "
         f"{sum(x['rows'] for x in manifest['shards']):,} rows of {manifest['row_len']}")
-    say(f"  partitions {s.get('partitions', 0)} ({s.get('partitions_reused', 0)} reused), {s.get('seconds', 0)} s")
+    say(f"  partitions {s.get('partitions', 0)} ({s.get('partitions_reused', 0)} reused, "
+        f"{s.get('partitions_repacked', 0)} repacked without cross-partition duplicates), {s.get('seconds', 0)} s")
     for reason, text in manifest.get("problems", {}).items():
         say(f"  [yellow]{reason}[/] {text}")

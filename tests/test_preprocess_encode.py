@@ -193,7 +193,7 @@ def test_dropping_repeats_from_a_first_pass_equals_encoding_without_them(tmp_pat
     assert {k: v for k, v in repacked.stats.items() if k != "seconds_in_workers"} == \
            {k: v for k, v in encoded.stats.items() if k != "seconds_in_workers"}
     assert sorted(p.name for p in (tmp_path / "guessed").glob("*.arrow")) == sorted(s["path"] for s in encoded.shards)
-    assert (tmp_path / "guessed" / "parts" / "settled.json").is_file()
+    assert repacked.repacked and (tmp_path / "guessed" / "parts" / "settled.json").is_file()
 
 
 def test_packing_puts_eos_between_documents_and_loses_no_token_but_the_tail(tmp_path, sp_model):

@@ -72,6 +72,8 @@ def test_preprocess_writes_a_verified_manifest(e2e):
     assert manifest["corpus"] == {"name": "src", "fingerprint": corpus.fingerprint, "files": 41, "bytes": corpus.total_bytes}
     stats = manifest["stats"]
     assert (stats["docs_in"], stats["duplicates"], stats["docs_out"]) == (41, 1, 40)
+    assert stats["partitions_repacked"] == 1  # the copy's partition: its tokens cut out, nothing encoded twice
+    assert not (manifest_path.parent / "spans").exists()
     assert stats["docs_val"] > 0 and stats["bytes_per_token"] > 1
     assert stats["tokens"] - stats["tokens_dropped_tail"] == sum((s["rows"] * 32 + 1) for s in manifest["shards"])
     assert len(manifest["partitions"]) == len(plan_partitions(corpus.files, "auto", E2E_DATA.partition_bytes)) >= 5

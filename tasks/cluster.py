@@ -20,7 +20,7 @@ import dask
 # encoding it cost 20-35% of the throughput (benchmarks/preprocess.py, 2 cores). Nobody reads
 # those profiles here, so LocalCluster workers run without it, and sample their system load less
 # often. The 20 ms event-loop tick (it only warns about a blocked loop) and the 100 ms memory
-# check cost the scheduler, in the client process, about 0.3 CPU-s per 25 MB encoded; 1 s is plenty.
+# check cost the scheduler, in the client process, about 0.2 CPU-s per 25 MB encoded; 1 s is plenty.
 QUIET_WORKERS = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.system-monitor.interval": "2s",

@@ -1,7 +1,7 @@
 """Reuse what earlier builds of a corpus already made: its tokenizer, document hashes and shards.
 
 Every output directory keeps, beside its shards, the per-partition files that name their
-own inputs by content key: `hashes/<source key>.npz` (the dedup pass) and
+own inputs by content key: `hashes/<source key>.npz` (its documents' hashes, for dedup) and
 `parts/<encode key>.json` (a finished partition and its shards). A new build of the same
 corpus (same name, any fingerprint) looks these up in its own directory first, which makes a
 killed run resumable, then in earlier builds, newest first, and hard-links (or copies)

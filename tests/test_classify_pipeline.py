@@ -227,3 +227,44 @@ def test_classify_on_an_unlabelled_corpus_names_the_catalog_fields(classify_env,
     assert len(lines) == 1 and "corpus 'toy-text' has no labels" in lines[0]
     assert "label_field" in lines[0] and "label_dirs" in lines[0]
     assert not home.exists()
+
+
+def test_train_a_classifier_on_existing_labelled_shards(classify_env, tmp_path):
+    shards = classify_env["first"]["manifest"]
+    out = cli("train", "--task", "classify", "--shards", shards, "--preset", "tiny", "--set", "classify.max_len=48",
+              "--max-steps", "3", "--out", str(tmp_path / "run"), "--json", state=classify_env["state"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 3 and result["head"]["labels"] == list(LABELS)
+    assert (tmp_path / "run" / "model.pt").is_file()
+    wrong = cli("train", "--task", "lm", "--shards", shards, "--out", str(tmp_path / "lm"), state=classify_env["state"])
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: ") and "holds classify shards" in wrong.stderr
+    assert not (tmp_path / "lm").exists()
+
+
+def test_a_language_model_does_not_start_from_a_classifier(classify_env):
+    with pytest.raises(TokenmillError, match="is a classifier; a language model starts from a language model"):
+        classify_env["run"](task="lm", init_from="models:/tokenmill-classifier/1")
+
+
+def test_version_tags_name_the_gate_and_leave_per_class_metrics_on_the_run(classify_env):
+    from tasks.evaluate import Evaluation
+    from tasks.model_store import download_model
+    from tasks.registry import version_tags
+
+    model = download_model("models:/tokenmill-classifier/1", classify_env["state"] / "download")
+    assert model.head["labels"] == list(LABELS) and model.head["pooling"] == "mean"
+    metrics = {"val_loss": 0.1, "accuracy": 0.9, "macro_f1": 0.8, "precision.alpha": 1.0, "recall.alpha": 0.5}
+    tags = version_tags(Evaluation(model, metrics, "e" * 64, 99, "w" * 64, task="classify"), Path("m.json"))
+    assert tags["gate_metric"] == "macro_f1" and tags["task"] == "classify" and tags["macro_f1"] == "0.8"
+    assert "precision.alpha" not in tags and "generations_ok" not in tags
+
+
+def test_the_prefect_summary_shows_a_classifiers_metrics():
+    from tasks.summary import summary_markdown
+
+    summary = {"task": "classify", "model_name": "tokenmill-classifier", "model_version": "3", "aliases": ["challenger"],
+               "val_loss": 0.25, "accuracy": 0.9375, "macro_f1": 0.9123, "labels": list(LABELS),
+               "eval_set_sha256": "a" * 64, "decision": "kept", "manifest": "m.json"}
+    text = summary_markdown(summary, "run r")
+    assert "| accuracy | 0.9375 |" in text and "| macro_f1 | 0.9123 (3 classes) |" in text and "val_bpb" not in text

@@ -16,7 +16,7 @@ from tasks.evaluate import evaluate_model
 from tasks.plan import plan_run_task
 from tasks.preprocess import preprocess_corpus
 from tasks.registry import register_candidate, start_model_task
-from tasks.summary import publish_summary
+from tasks.summary import publish_summary, run_summary
 from tasks.tracking import end_run, run_tags, start_run
 from tasks.train import start_tokenizer, train_model
 
@@ -36,8 +36,9 @@ def run_pipeline(
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps, task)
     cfg = plan.config
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root)
+    tokenizer = start_tokenizer(start, cfg, plan.shards_root, start_uri)  # a warm start keeps its model's tokenizer
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
-                                 refresh=refresh, reuse_tokenizer=start_tokenizer(start, cfg, plan.shards_root, start_uri),
+                                 refresh=refresh, reuse_tokenizer=tokenizer,
                                  classify=cfg.classify if cfg.task == "classify" else None)
     tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri, cfg.task)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
@@ -51,22 +52,7 @@ def run_pipeline(
         end_run(run_id, "FAILED")
         raise
     end_run(run_id, "FINISHED")
-    summary = {
-        "task": cfg.task,
-        "manifest": str(manifest),
-        "mlflow_run_id": run_id,
-        "model_name": registered.name,
-        "model_version": registered.version,
-        "aliases": registered.aliases,
-        "decision": registered.decision,
-        "eval_set_sha256": evaluation.eval_set_sha256,
-        "generations": evaluation.samples,
-        **evaluation.metrics,
-    }
-    if start_uri:
-        summary["init_from"] = start_uri
-    if evaluation.model.head:
-        summary["labels"] = list(evaluation.model.head["labels"])
+    summary = run_summary(cfg.task, manifest, run_id, registered, evaluation, start_uri)
     publish_summary(summary)
     return summary
 

@@ -1,6 +1,9 @@
 """Manual promotion as a flow, so it runs on a Prefect server with an audit trail.
 
     tokenmill promote VERSION [--force]      # the same logic from the command line
+
+`model_name` picks the registered model (tokenmill-classifier for the classifier); the gate
+compares the metric each version records as `gate_metric` (val_bpb or macro_f1).
 """
 
 from __future__ import annotations

@@ -11,6 +11,28 @@ from prefect.cache_policies import NO_CACHE
 from tokenmill.runtime import services
 
 
+def run_summary(task: str, manifest: Path, run_id: str, registered, evaluation, init_from: str = "") -> dict:
+    """What a pipeline run returns (and `--json` prints): the registered version, its decision,
+    the eval set and every eval metric; a classifier's labels; the model it started from."""
+    summary = {
+        "task": task,
+        "manifest": str(manifest),
+        "mlflow_run_id": run_id,
+        "model_name": registered.name,
+        "model_version": registered.version,
+        "aliases": registered.aliases,
+        "decision": registered.decision,
+        "eval_set_sha256": evaluation.eval_set_sha256,
+        "generations": evaluation.samples,
+        **evaluation.metrics,
+    }
+    if init_from:
+        summary["init_from"] = init_from
+    if evaluation.model.head:
+        summary["labels"] = list(evaluation.model.head["labels"])
+    return summary
+
+
 def mlflow_run_link(run_id: str) -> str:
     """A browser link when MLflow is a server, else where the run lives."""
     uri = services().mlflow_uri

@@ -68,16 +68,17 @@ def decide(challenger: Candidate, champion: Candidate | None, min_improvement: f
     if not math.isfinite(champion.value):
         return Decision(False, f"champion v{champion.version} has no finite {name} to compare with; promote by hand")
     new, old = challenger.value, champion.value
-    if gate.higher_is_better:
-        needed, better, gain = old * (1 + min_improvement), new > old, (new / old - 1 if old else math.inf)
-        passes, bound = better and new >= needed, ">="
+    if gate.higher_is_better:  # a tie never churns the champion, so the gain must also be strictly positive
+        needed, gain = old * (1 + min_improvement), (new / old - 1 if old else math.inf)
+        passes, bound = new > old and new >= needed, (">=", ">")
     else:
-        needed, better, gain = old * (1 - min_improvement), new < old, 1 - new / old
-        passes, bound = better and new <= needed, "<="
+        needed, gain = old * (1 - min_improvement), 1 - new / old
+        passes, bound = new < old and new <= needed, ("<=", "<")
     if passes:
         return Decision(True, f"{name} {new:.4f} beats champion v{champion.version} ({old:.4f}) by {gain:.2%}")
+    need = f"{bound[0]} {needed:.4f}" if needed != old else f"{bound[1]} {old:.4f}"
     return Decision(
         False,
         f"{name} {new:.4f} does not beat champion v{champion.version} ({old:.4f}) "
-        f"by the required {min_improvement:.2%} (needs {bound} {needed:.4f}, and strictly better)",
+        f"by the required {min_improvement:.2%} (needs {need})",
     )

@@ -71,7 +71,8 @@ def test_lower_macro_f1_never_replaces_a_better_classifier():
 
 def test_equal_or_marginal_macro_f1_is_kept_back():
     assert not decide(clf("2", 0.80), clf("1", 0.80), 0.005).promote
-    assert not decide(clf("2", 0.80), clf("1", 0.80), 0.0).promote
+    tie = decide(clf("2", 0.80), clf("1", 0.80), 0.0)
+    assert not tie.promote and "needs > 0.8000" in tie.reason
     assert not decide(clf("2", 0.802), clf("1", 0.80), 0.005).promote  # 0.25% < 0.5%
     assert decide(clf("2", 0.8041), clf("1", 0.80), 0.005).promote
 

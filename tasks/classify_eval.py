@@ -1,7 +1,9 @@
 """Evaluation of a text classifier on the frozen eval set of a classification manifest.
 
-The eval set is the first `eval.max_rows` documents of the val split (identified by
-`tasks.manifest.eval_set_sha`, as for a language model). Every metric comes from the
+The eval set is `eval.max_rows` documents spread evenly over the val split, all of them
+when it is smaller (`tasks.metrics.spread_rows`; val rows lie grouped by class, so the
+first rows alone could miss classes). It is identified by `tasks.manifest.eval_set_sha`,
+as for a language model. Every metric comes from the
 model's predictions on those documents: val_loss, accuracy, macro_f1, and per class
 `precision.<label>` and `recall.<label>` (see `tasks.metrics.classification_metrics`).
 The confusion matrix travels with the result, for the report's plot.

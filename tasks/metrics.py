@@ -66,6 +66,17 @@ def unigram_entropy(rows: ShardSet, n_rows: int, vocab_size: int) -> float:
 # ---------------------------------------------------------------- classification
 
 
+def spread_rows(total: int, n_rows: int) -> np.ndarray:
+    """`n_rows` of `total` row indices, evenly spaced, in order (all of them when n_rows >= total).
+
+    Labelled val rows lie in reading order, so whole classes sit together; the first n rows
+    could miss most classes, while evenly spaced rows take each class in proportion.
+    """
+    if n_rows >= total:
+        return np.arange(total)
+    return np.arange(n_rows) * total // n_rows
+
+
 @torch.no_grad()
 def predict_labelled(
     model: torch.nn.Module,
@@ -75,13 +86,14 @@ def predict_labelled(
     device: torch.device,
     autocast=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 logits (n, n_classes), true labels (n,)) of the first `n_rows` documents."""
+    """(float32 logits (n, n_classes), true labels (n,)) of `n_rows` documents spread evenly
+    over the split (see `spread_rows`)."""
     was_training = model.training
     model.eval()
-    n_rows = min(n_rows, len(rows))
+    chosen = spread_rows(len(rows), n_rows)
     logits, labels = [], []
-    for start in range(0, n_rows, batch_size):
-        tokens, lengths, y = rows.rows(np.arange(start, min(start + batch_size, n_rows)))
+    for start in range(0, len(chosen), batch_size):
+        tokens, lengths, y = rows.rows(chosen[start : start + batch_size])
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             out, _ = model(torch.from_numpy(tokens).to(device), torch.from_numpy(lengths).to(device))
         logits.append(out.float().cpu().numpy())
@@ -101,7 +113,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def evaluate_labelled(model, rows: LabelledShardSet, n_rows: int, batch_size: int, device, autocast=None) -> dict[str, float]:
-    """Loss and accuracy over the first `n_rows` documents: the periodic check during training."""
+    """Loss and accuracy over `n_rows` documents spread over the split: the periodic check in training."""
     logits, labels = predict_labelled(model, rows, n_rows, batch_size, device, autocast)
     accuracy = float((logits.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")
     return {"val_loss": cross_entropy(logits, labels), "val_accuracy": accuracy}

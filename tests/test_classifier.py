@@ -18,7 +18,7 @@ from tasks.atomic import sha256_file
 from tasks.checkpoint import list_checkpoints, warm_start, warm_start_source, weights_sha256
 from tasks.classify_eval import evaluate_classifier, load_classifier
 from tasks.manifest import FORMAT
-from tasks.metrics import classification_metrics, confusion_matrix, metric_names
+from tasks.metrics import classification_metrics, confusion_matrix, metric_names, spread_rows
 from tasks.model_store import LocalModel
 from tasks.shards import PAD_ID, write_labelled_shard
 from tasks.training_data import class_weights
@@ -168,6 +168,15 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
 
 
 # ---------------------------------------------------------------- training and evaluation
+
+
+def test_the_eval_set_spreads_over_a_val_split_grouped_by_class():
+    labels = np.repeat(np.arange(7), 100)  # val rows in reading order: one class after another
+    chosen = spread_rows(len(labels), 256)
+    assert len(chosen) == 256 and len(set(chosen.tolist())) == 256 and list(chosen) == sorted(chosen)
+    counts = np.bincount(labels[chosen], minlength=7)
+    assert counts.min() >= 36 and counts.max() <= 37  # every class, in proportion
+    assert list(spread_rows(5, 256)) == [0, 1, 2, 3, 4]
 
 
 def test_a_content_labelled_corpus_is_learned_to_95_percent_on_val(corpus, trained):

@@ -306,9 +306,10 @@ def settle_pass(connect, parts: list[Partition], hashes: list[encode.HashResult]
     step(f"dedup across partitions: {len(repack)} partitions repacked, {len(encode_again)} encoded, "
          f"{sum(r.reused for r in results)} reused")
     nbytes = {p.index: p.nbytes for p in parts}
-    for fn, calls in ((encode.drop_repeats, repack), (encode.encode_partition, encode_again)):
+    for fn, calls, label in ((encode.drop_repeats, repack, "repacking"), (encode.encode_partition, encode_again, "encoding")):
         if calls:
-            results += encode_progress(largest_first(connect(), fn, calls, [nbytes[c[0].index] for c in calls]), nbytes)
+            futures = largest_first(connect(), fn, calls, [nbytes[c[0].index] for c in calls])
+            results += encode_progress(futures, nbytes, label)
     return sorted(results, key=lambda r: r.index)
 
 

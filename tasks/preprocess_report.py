@@ -12,7 +12,7 @@ from rich.progress import TextColumn
 from tokenmill.console import console, progress
 
 
-def encode_progress(futures: list, nbytes: dict[int, int]) -> list:
+def encode_progress(futures: list, nbytes: dict[int, int], label: str = "encoding") -> list:
     """Results of the encode futures as they finish, with partitions done, MB/s, tokens/s and ETA."""
     from distributed import as_completed
 
@@ -20,7 +20,7 @@ def encode_progress(futures: list, nbytes: dict[int, int]) -> list:
     started = time.time()
     done_bytes = tokens = 0
     with progress(TextColumn("{task.fields[rate]}")) as bar:
-        job = bar.add_task("encoding", total=len(futures), rate="")
+        job = bar.add_task(label, total=len(futures), rate="")
         for future in as_completed(futures):
             result = future.result()
             results.append(result)

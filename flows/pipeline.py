@@ -35,7 +35,7 @@ def run_pipeline(
 ) -> dict:
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps, task)
     cfg = plan.config
-    start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root)
+    start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root, cfg.model)
     tokenizer = start_tokenizer(start, cfg, plan.shards_root, start_uri)  # a warm start keeps its model's tokenizer
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
                                  refresh=refresh, reuse_tokenizer=tokenizer,

@@ -22,6 +22,7 @@ from tasks.manifest import content_key
 from tasks.model_store import LocalModel, log_model
 from tasks.policy import retry_transient
 from tasks.promotion import GATES, Candidate, Decision, IncomparableModels, decide
+from tokenmill.config import ModelConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
 
@@ -266,9 +267,12 @@ promote_task = task(name="promote", retries=2, retry_delay_seconds=[2, 10], retr
                     retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(promote)
 
 
-def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_root: Path) -> tuple[LocalModel | None, str]:
+def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_root: Path,
+                model: ModelConfig | None = None) -> tuple[LocalModel | None, str]:
     """The model a run continues from: `init_from` (a model URI, which must exist), or with
-    `warm_start` the current champion when there is one. Returns (model or None, what it is)."""
+    `warm_start` the current champion when there is one. Returns (model or None, what it is).
+    With `model`, the run's network shapes must match the start model's, checked here so that
+    a mismatch stops the run before any preprocessing or training."""
     from tasks.model_store import download_model
 
     if init_from:
@@ -284,8 +288,20 @@ def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_ro
     dst = Path(dst_root) / "init" / content_key(uri, datetime.datetime.now().isoformat())[:12]
     dst.mkdir(parents=True, exist_ok=True)
     local = download_model(uri, dst)
+    if model is not None:
+        require_shapes(uri, local.gpt_config, model)
     step(f"warm start from {uri}")
     return local, uri
+
+
+def require_shapes(uri: str, source: dict, model: ModelConfig) -> None:
+    """The backbone shapes a warm start needs to match (the vocabulary follows the reused tokenizer)."""
+    diffs = [f"{name} {source.get(name)} (source) vs {getattr(model, name)} (this run)"
+             for name in ("n_layer", "n_head", "n_embd") if source.get(name) != getattr(model, name)]
+    if diffs:
+        fix = " ".join(f"model.{name}={source.get(name)}" for name in ("n_layer", "n_head", "n_embd"))
+        raise TokenmillError(f"cannot warm-start from {uri}: {'; '.join(diffs)}; "
+                             f"use the preset it was trained with or --set {fix}, or train from scratch")
 
 
 start_model_task = task(name="resolve-start-model", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,

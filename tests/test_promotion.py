@@ -107,3 +107,18 @@ def test_models_gated_on_different_metrics_are_not_compared():
 def test_an_unknown_gate_metric_is_refused():
     with pytest.raises(ValueError, match="no promotion gate for metric 'accuracy'"):
         decide(Candidate("2", 0.9, SET, True, "accuracy"), None, 0.005)
+
+
+def test_a_warm_start_with_other_shapes_stops_before_any_work(tmp_path, monkeypatch):
+    from tasks import model_store, registry
+    from tasks.model_store import LocalModel
+    from tokenmill.config import ModelConfig
+    from tokenmill.errors import TokenmillError
+
+    source = {"vocab_size": 1024, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 128}
+    fetched = LocalModel(tmp_path / "model.pt", tmp_path / "tokenizer.model", source, "ab" * 32)
+    monkeypatch.setattr(model_store, "download_model", lambda uri, dst: fetched)
+    same = ModelConfig(n_layer=4, n_head=4, n_embd=128, dropout=0.1)
+    assert registry.start_model("models:/lm/1", False, "lm", tmp_path, same)[0] is fetched
+    with pytest.raises(TokenmillError, match=r"n_layer 4 \(source\) vs 2 \(this run\).*--set model.n_layer=4"):
+        registry.start_model("models:/lm/1", False, "lm", tmp_path, ModelConfig(n_layer=2, n_head=2, n_embd=64))

@@ -299,9 +299,9 @@ def require_shapes(uri: str, source: dict, model: ModelConfig) -> None:
     diffs = [f"{name} {source.get(name)} (source) vs {getattr(model, name)} (this run)"
              for name in ("n_layer", "n_head", "n_embd") if source.get(name) != getattr(model, name)]
     if diffs:
-        fix = " ".join(f"model.{name}={source.get(name)}" for name in ("n_layer", "n_head", "n_embd"))
+        fix = " ".join(f"--set model.{name}={source.get(name)}" for name in ("n_layer", "n_head", "n_embd"))
         raise TokenmillError(f"cannot warm-start from {uri}: {'; '.join(diffs)}; "
-                             f"use the preset it was trained with or --set {fix}, or train from scratch")
+                             f"use the preset it was trained with or {fix}, or train from scratch")
 
 
 start_model_task = task(name="resolve-start-model", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,

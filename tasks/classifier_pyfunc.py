@@ -24,6 +24,7 @@ import torch
 from mlflow.models import set_model
 
 from model import GPTClassifier, GPTConfig
+from tasks.pyfunc_io import texts_of
 from tasks.shards import PAD_ID
 
 BATCH = 64  # texts per forward pass, so a large input does not need one huge tensor
@@ -66,7 +67,7 @@ class TokenmillClassifier(mlflow.pyfunc.PythonModel):
         self.sp = spm.SentencePieceProcessor(model_file=context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        texts = _texts(model_input)
+        texts = texts_of(model_input, "text")
         probs = self.probabilities(texts) if texts else np.empty((0, len(self.labels)))
         out = pd.DataFrame(probs, columns=probability_columns(self.labels))
         out.insert(0, "label", [self.labels[i] for i in probs.argmax(axis=1)] if len(probs) else [])
@@ -80,17 +81,6 @@ class TokenmillClassifier(mlflow.pyfunc.PythonModel):
             logits, _ = self.model(torch.from_numpy(tokens), torch.from_numpy(lengths))
             parts.append(torch.softmax(logits.float(), dim=-1).numpy().astype(np.float64))
         return np.concatenate(parts)
-
-
-def _texts(model_input) -> list[str]:
-    if hasattr(model_input, "columns"):
-        column = "text" if "text" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
-    if isinstance(model_input, np.ndarray):
-        return [str(v) for v in model_input.reshape(-1).tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(v) for v in model_input]
 
 
 set_model(TokenmillClassifier())

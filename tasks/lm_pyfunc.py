@@ -18,6 +18,7 @@ import torch
 from mlflow.models import set_model
 
 from model import GPT, GPTConfig
+from tasks.pyfunc_io import texts_of
 from tasks.report import complete
 
 
@@ -37,7 +38,7 @@ class TokenmillLM(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> list:
         params = params or {}
-        texts = _texts(model_input)
+        texts = texts_of(model_input, "prompt")
         if params.get("mode", "generate") == "score":
             return [self._bits_per_byte(t) for t in texts]
         generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
@@ -59,17 +60,6 @@ class TokenmillLM(mlflow.pyfunc.PythonModel):
             logits, _ = self.model(chunk[:, :-1], chunk[:, 1:])
             nats += float(torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum"))
         return nats / math.log(2) / n_bytes
-
-
-def _texts(model_input) -> list[str]:
-    if hasattr(model_input, "columns"):
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
-    if isinstance(model_input, np.ndarray):
-        return [str(v) for v in model_input.reshape(-1).tolist()]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(v) for v in model_input]
 
 
 set_model(TokenmillLM())

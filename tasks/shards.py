@@ -131,8 +131,16 @@ def read_labelled(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens (N, max_len), lengths (N,), labels (N,)) of one labelled shard, memory-mapped."""
     tokens = read_rows(path)
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-    lengths, labels = (table.column(name).to_numpy() for name in (LENGTH, LABEL))
+    # Array.to_numpy per chunk: zero-copy, and unlike ChunkedArray.to_numpy it never imports pandas.
+    lengths, labels = (_column(table, name) for name in (LENGTH, LABEL))
     return tokens, lengths, labels
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    chunks = [chunk.to_numpy(zero_copy_only=True) for chunk in table.column(name).chunks]
+    if not chunks:
+        return np.empty(0, np.int32)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 @dataclass

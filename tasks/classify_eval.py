@@ -21,7 +21,7 @@ import torch
 from model import GPTClassifier, GPTConfig
 from tasks import manifest as mf
 from tasks.checkpoint import weights_sha256
-from tasks.evaluate import Evaluation
+from tasks.evaluate import Evaluation, require_same_tokenizer
 from tasks.metrics import classification_metrics, confusion_matrix, cross_entropy, predict_labelled
 from tasks.model_store import LocalModel
 from tasks.shards import LabelledShardSet
@@ -51,11 +51,7 @@ def check_fits(manifest: dict, manifest_path: Path, local: LocalModel) -> list[s
             f"{manifest_path} holds {manifest_task(manifest)} shards, not labelled documents; "
             f"evaluate a classifier on shards preprocessed with task=classify"
         )
-    if local.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
-        raise TokenmillError(
-            f"the model's tokenizer ({local.tokenizer_sha256[:12]}) differs from the shards' "
-            f"({manifest['tokenizer']['sha256'][:12]}); evaluate on shards built with the model's tokenizer"
-        )
+    require_same_tokenizer(local, manifest)
     labels = list(manifest["labels"])
     if local.head and list(local.head["labels"]) != labels:
         raise TokenmillError(

@@ -59,6 +59,14 @@ def load_model(weights: Path, gpt_config: dict, device: torch.device) -> tuple[G
     return model.to(device).eval(), weights_sha256(state)
 
 
+def require_same_tokenizer(local: LocalModel, manifest: dict) -> None:
+    if local.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
+        raise TokenmillError(
+            f"the model's tokenizer ({local.tokenizer_sha256[:12]}) differs from the shards' "
+            f"({manifest['tokenizer']['sha256'][:12]}); evaluate on shards built with the model's tokenizer"
+        )
+
+
 def evaluate(manifest_path: Path, local: LocalModel, cfg: EvalConfig, device: str = "auto") -> Evaluation:
     """Metrics on the frozen eval set and seeded sample generations for the fixed prompts; for
     labelled shards, a classifier's metrics (`tasks.classify_eval.evaluate_classifier`)."""
@@ -72,11 +80,7 @@ def evaluate(manifest_path: Path, local: LocalModel, cfg: EvalConfig, device: st
             f"{local.weights} is a classifier, and {manifest_path} holds language-model shards; "
             f"evaluate it on shards preprocessed with task=classify"
         )
-    if local.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
-        raise TokenmillError(
-            f"the model's tokenizer ({local.tokenizer_sha256[:12]}) differs from the shards' "
-            f"({manifest['tokenizer']['sha256'][:12]}); evaluate on shards built with the model's tokenizer"
-        )
+    require_same_tokenizer(local, manifest)
     dev = pick_device(device)
     model, weights_sha = load_model(local.weights, local.gpt_config, dev)
     val = ShardSet.open(manifest_path, "val")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ def verify(manifest_path: Path) -> dict | None:
         if not f.is_file() or sha256_file(f) != sha:
             return None
     return manifest
+
+
+def reuse_or_clear(out: Path, refresh: bool) -> Path | None:
+    """The verified manifest in `out`, to reuse as it is; with `refresh`, the earlier build is
+    removed instead and None returned, as it is when nothing there verifies."""
+    if refresh:
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    return Path(out) / MANIFEST if verify(Path(out) / MANIFEST) else None
 
 
 def split_summary(manifest: dict, split: str) -> dict[str, int]:

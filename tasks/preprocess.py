@@ -99,13 +99,12 @@ def preprocess_corpus(
         return preprocess_labelled(corpus, tokenizer, data, classify, shards_root, dask_address, n_workers, refresh,
                                    reuse_tokenizer)
     tokenizer, reused, out = resolve_output(corpus, tokenizer, data, shards_root, reuse_tokenizer)
-    manifest_path = out / mf.MANIFEST
-    if refresh:
-        shutil.rmtree(out, ignore_errors=True)
-        data = data.model_copy(update={"incremental": False})
-    elif mf.verify(manifest_path):
+    if (cached := mf.reuse_or_clear(out, refresh)) is not None:
         step(f"shards cached: {out} (verified)")
-        return manifest_path
+        return cached
+    if refresh:
+        data = data.model_copy(update={"incremental": False})
+    manifest_path = out / mf.MANIFEST
     started = time.time()
     rules = doc_rules(corpus, data)
     parts = plan_partitions(corpus.files, rules.format, data.partition_bytes)

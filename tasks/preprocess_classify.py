@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import replace
@@ -68,13 +67,12 @@ def preprocess_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataCo
         raise TokenmillError(f"corpus '{corpus.name}' has no labels; set label_field or label_dirs in its catalog "
                              "entry, or preprocess it for the language model with --task lm")
     tokenizer, reused, out = labelled_output(corpus, tokenizer, data, classify, shards_root, reuse_tokenizer)
-    manifest_path = out / mf.MANIFEST
-    if refresh:
-        shutil.rmtree(out, ignore_errors=True)
-        data = data.model_copy(update={"incremental": False})
-    elif mf.verify(manifest_path):
+    if (cached := mf.reuse_or_clear(out, refresh)) is not None:
         step(f"labelled shards cached: {out} (verified)")
-        return manifest_path
+        return cached
+    if refresh:
+        data = data.model_copy(update={"incremental": False})
+    manifest_path = out / mf.MANIFEST
     started = time.time()
     source = labelled_source(corpus, data)
     parts = plan_partitions(corpus.files, source.rules.format, data.partition_bytes)

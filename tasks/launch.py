@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,5 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_rank(code: int) -> None:
+    """End this rank without tearing the interpreter down.
+
+    Gloo's worker threads can still be releasing a finished collective's tensors when
+    Python finalizes; taking the GIL then ends the thread inside a C++ destructor, and
+    the process aborts ("terminate called without an active exception") after its work
+    is done, failing a finished run. Everything this rank writes is already durable
+    (atomic renames, a flushed events file), so it skips finalization, as the faulting
+    teardown cannot be ordered from Python.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # an unexpected error: its traceback, then a failed rank
+        traceback.print_exc()
+        status = 1
+    exit_rank(status)

@@ -246,21 +246,22 @@ def test_class_weights_change_training_on_imbalanced_labels(tmp_path):
     assert plain.series("train_loss")[0] != pytest.approx(weighted.series("train_loss")[0], abs=1e-4)
 
 
-def test_accumulation_and_two_fsdp_ranks_equal_one_big_weighted_batch(tmp_path):
+def test_accumulation_and_two_ranks_equal_one_big_weighted_batch(tmp_path):
+    """Accumulation, two DDP ranks and two FSDP ranks all train like one batch of 8."""
     from tasks.launch import Topology, run_training
 
     skewed = write_labelled_corpus(tmp_path / "skewed", n_train=64, n_val=16, label_p=[0.7, 0.1, 0.1, 0.1])
     weighted = {"class_weights": True}
-    runs = {name: Recorder() for name in ("big", "accumulated", "ranks")}
+    runs = {name: Recorder() for name in ("big", "accumulated", "ddp", "fsdp")}
     big = trainer.train(skewed, classify_config(max_steps=3, batch_size=8, classify=weighted), tmp_path / "big", runs["big"])
     others = [
         trainer.train(skewed, classify_config(max_steps=3, batch_size=4, tokens_per_step=8 * MAX_LEN, classify=weighted),
                       tmp_path / "acc", runs["accumulated"]),
-        run_training(skewed, classify_config(max_steps=3, batch_size=4, parallel="fsdp", classify=weighted),
-                     tmp_path / "fsdp", runs["ranks"], topology=Topology(nproc_per_node=2)),
+        *(run_training(skewed, classify_config(max_steps=3, batch_size=4, parallel=mode, classify=weighted),
+                       tmp_path / mode, runs[mode], topology=Topology(nproc_per_node=2)) for mode in ("ddp", "fsdp")),
     ]
     reference = torch.load(big.weights, weights_only=True)
-    for name, other in zip(("accumulated", "ranks"), others):
+    for name, other in zip(("accumulated", "ddp", "fsdp"), others):
         np.testing.assert_allclose(runs[name].series("train_loss"), runs["big"].series("train_loss"), rtol=0, atol=1e-5)
         assert other.head == big.head and other.tokens == big.tokens
         state = torch.load(other.weights, weights_only=True)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,3 +68,22 @@ def test_torchrun_command_for_one_node_and_for_several(tmp_path):
     assert many[many.index("--rdzv-endpoint") + 1] == "node0:29500" and many[many.index("--nnodes") + 1] == "2"
     with pytest.raises(TokenmillError, match="--rdzv-endpoint"):
         torchrun_command(Topology(8, nnodes=2), spec)
+
+
+def test_a_user_error_on_the_ranks_reaches_the_caller_as_one_message(corpus, tmp_path):
+    # The split holds fewer rows than one batch across two ranks: every rank stops with a
+    # TokenmillError, rank 0 reports it through the events file, and each rank exits 2.
+    rows = sum(s["rows"] for s in json.loads(corpus.read_text())["shards"] if s["split"] == "train")
+    with pytest.raises(TokenmillError, match=f"the train split has {rows} rows, fewer than one batch across ranks"):
+        run_training(corpus, tiny_config(max_steps=1, batch_size=rows), tmp_path, topology=Topology(nproc_per_node=2))
+    assert not (tmp_path / trainer.WEIGHTS).exists()
+
+
+def test_a_rank_that_fails_unexpectedly_exits_1_with_its_traceback(tmp_path):
+    # A rank ends through tasks.launch.exit_rank (os._exit, no interpreter teardown), so its
+    # status must still say what happened: 1 and the traceback for an unexpected error.
+    bad_spec = tmp_path / "spec.json"
+    bad_spec.write_text("{}")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "tasks.launch", str(bad_spec)], capture_output=True, text=True, cwd=root)
+    assert run.returncode == 1 and "KeyError: 'config'" in run.stderr

@@ -90,31 +90,38 @@ class PeakRss:
 
 
 def synthetic_corpus(root: Path, megabytes: int, file_mb: int = 25, seed: int = 0) -> Path:
-    """JSON Lines files of ~4 KB English-like documents with a Zipfian vocabulary; deterministic."""
+    """JSON Lines files of ~4 KB English-like documents with a Zipfian vocabulary; deterministic.
+
+    File i draws from its own generator, seeded by (seed, i), so the files are written in
+    parallel and a corpus is the same whatever the number of cores.
+    """
     done = root / ".complete"
     if done.exists():  # the generator is deterministic: a finished corpus is reused as it is
         return root
-    rng = np.random.default_rng(seed)
-    words = np.array(["".join(rng.choice(SYLLABLES, size=rng.integers(1, 4))) for _ in range(20_000)])
-    punct = np.array([" ", " ", " ", " ", " ", " ", ", ", ". ", ".\n", "; ", " (", ") ", ": ", " 19", " 2"])
     root.mkdir(parents=True, exist_ok=True)
-    target, written, index = megabytes * 1_000_000, 0, 0
-    while written < target:
-        path = root / f"part-{index:04d}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            size = 0
-            while size < min(file_mb * 1_000_000, target - written):
-                n = 700
-                w = words[np.minimum(rng.zipf(1.3, size=n * 64) - 1, len(words) - 1)].reshape(64, n)
-                p = punct[rng.integers(0, len(punct), size=(64, n))]
-                for row_w, row_p in zip(w, p):
-                    line = json.dumps({"text": "".join(np.char.add(row_w, row_p).tolist())}) + "\n"
-                    f.write(line)
-                    size += len(line.encode())
-        written += path.stat().st_size
-        index += 1
+    sizes = [file_mb * 1_000_000] * (megabytes // file_mb) + ([(megabytes % file_mb) * 1_000_000] if megabytes % file_mb else [])
+    jobs = [(root / f"part-{i:04d}.jsonl", size, seed, i) for i, size in enumerate(sizes)]
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+        pool.starmap(_synthetic_file, jobs, chunksize=1)
     done.touch()
     return root
+
+
+def _synthetic_file(path: Path, target: int, seed: int, index: int) -> None:
+    words_rng = np.random.default_rng(seed)  # one vocabulary for every file
+    words = np.array(["".join(words_rng.choice(SYLLABLES, size=words_rng.integers(1, 4))) for _ in range(20_000)])
+    punct = np.array([" ", " ", " ", " ", " ", " ", ", ", ". ", ".\n", "; ", " (", ") ", ": ", " 19", " 2"])
+    rng = np.random.default_rng([seed, index])
+    with open(path, "w", encoding="utf-8") as f:
+        size = 0
+        while size < target:
+            n = 700
+            w = words[np.minimum(rng.zipf(1.3, size=n * 64) - 1, len(words) - 1)].reshape(64, n)
+            p = punct[rng.integers(0, len(punct), size=(64, n))]
+            for row_w, row_p in zip(w, p):
+                line = json.dumps({"text": "".join(np.char.add(row_w, row_p).tolist())}) + "\n"
+                f.write(line)
+                size += len(line.encode())
 
 
 def documents(corpus, limit_bytes: int | None = None) -> list[str]:

@@ -15,6 +15,10 @@ from contextlib import ExitStack, contextmanager
 
 import dask
 
+from tokenmill.errors import TokenmillError
+
+WORKER_START_TIMEOUT = 120  # seconds for the first local worker to come up
+
 
 # Dask's statistical profiler samples every worker thread's stack every 10 ms; on CPU-bound
 # encoding it cost 20-35% of the throughput (benchmarks/preprocess.py, 2 cores). Nobody reads
@@ -41,14 +45,36 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
             yield client
         return
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
+    # The cluster starts empty and is scaled up without waiting, so the first worker takes
+    # work while the others are still starting (16 workers take ~3 s to come up).
     with dask.config.set(QUIET_WORKERS), LocalCluster(
-        n_workers=workers,
+        n_workers=0,
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
+        cluster.scale(workers)
+        try:
+            client.wait_for_workers(1, timeout=WORKER_START_TIMEOUT)
+        except TimeoutError:
+            raise TokenmillError(
+                f"no Dask worker started within {WORKER_START_TIMEOUT} s; run `python -c 'import distributed'` "
+                f"to check the environment, or give a running scheduler with --dask-address"
+            ) from None
         yield client
+
+
+def local_workers(requested: int | None, n_partitions: int) -> int:
+    """LocalCluster workers for a run: `requested` (default: one per core), never more than
+    there are partitions, since a worker with nothing to encode only costs its start-up."""
+    return max(1, min(requested or os.cpu_count() or 1, n_partitions))
+
+
+def planned_workers(client) -> int:
+    """The workers a local cluster is starting (they join as they come up), else those connected."""
+    spec = getattr(getattr(client, "cluster", None), "worker_spec", None)
+    return len(spec) if spec else len(client.scheduler_info()["workers"])
 
 
 @contextmanager

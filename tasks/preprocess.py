@@ -29,7 +29,7 @@ from prefect import task
 from data_catalog.loader import Corpus
 from tasks import encode, incremental, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_bytes, write_json
-from tasks.cluster import client_in_background
+from tasks.cluster import client_in_background, local_workers, planned_workers
 from tasks.documents import DocRules, Tally
 from tasks.partitions import Partition, plan_partitions
 from tasks.policy import retry_transient
@@ -109,7 +109,7 @@ def preprocess_corpus(
     rules = doc_rules(corpus, data)
     parts = plan_partitions(corpus.files, rules.format, data.partition_bytes)
     dirs = incremental.build_dirs(out, corpus.name) if data.incremental else [out]
-    workers = n_workers or min(len(parts), os.cpu_count() or 1)
+    workers = local_workers(n_workers, len(parts))
     clock = Stopwatch()
     with client_in_background(dask_address, n_workers=workers) as connect:
         known = cached_hashes(parts, rules, dirs)
@@ -275,7 +275,7 @@ def first_pass(connect, todo: list[Partition], spec: encode.EncodeSpec, n_parts:
         return {}
     client = connect()
     mb = sum(p.nbytes for p in todo) / 1e6
-    step(f"encoding {len(todo)} of {n_parts} partitions ({mb:.1f} MB) on {n_workers(client)} Dask workers")
+    step(f"encoding {len(todo)} of {n_parts} partitions ({mb:.1f} MB) on {planned_workers(client)} Dask workers")
     hashes_dir = Path(spec.out_dir) / encode.HASHES
     calls = [(p, None, spec, "", str(hashes_dir / f"{encode.source_key(p, spec.rules)}.npz")) for p in todo]
     futures = largest_first(client, encode.encode_partition, calls)
@@ -317,10 +317,6 @@ def largest_first(client, fn, calls: list[tuple], sizes: list[int] | None = None
     nbytes) scheduled first, so no big one is left for the end."""
     sizes = sizes or [call[0].nbytes for call in calls]
     return [client.submit(fn, *call, priority=size, pure=False) for call, size in zip(calls, sizes)]
-
-
-def n_workers(client) -> int:
-    return len(client.scheduler_info()["workers"])
 
 
 def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: float) -> dict:

@@ -14,7 +14,6 @@ are missing, unknown or malformed are counted, shown and recorded, never mapped 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pathlib import Path
 from data_catalog.loader import Corpus
 from tasks import incremental, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_json
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, local_workers, planned_workers
 from tasks.documents import FIXES, DocRules, LabelRules, Tally
 from tasks.labelled import (LabelledEncodeSpec, LabelledSource, ScanResult, Selection, encode_labelled_partition,
                             scan_partition, select_documents)
@@ -76,7 +75,7 @@ def preprocess_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataCo
     started = time.time()
     source = labelled_source(corpus, data)
     parts = plan_partitions(corpus.files, source.rules.format, data.partition_bytes)
-    with dask_client(dask_address, n_workers=n_workers or min(len(parts), os.cpu_count() or 1)) as client:
+    with dask_client(dask_address, n_workers=local_workers(n_workers, len(parts))) as client:
         scans = scan_pass(client, parts, source)
         selection = select(corpus, scans, data.val_fraction)
         from tasks.preprocess import obtain_tokenizer  # the language-model path's: same tokenizer, same reuse
@@ -104,7 +103,7 @@ def remove_stale_temp_files(out: Path, before: float) -> None:
 
 
 def scan_pass(client, parts: list[Partition], source: LabelledSource) -> list[ScanResult]:
-    step(f"label pass: reading {len(parts)} partitions on {len(client.scheduler_info()['workers'])} Dask workers")
+    step(f"label pass: reading {len(parts)} partitions on {planned_workers(client)} Dask workers")
     futures = [client.submit(scan_partition, p, _for_partition(source, p), priority=p.nbytes, pure=False) for p in parts]
     return sorted(client.gather(futures), key=lambda s: s.index)
 

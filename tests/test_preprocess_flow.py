@@ -103,6 +103,16 @@ def test_shards_do_not_depend_on_the_number_of_workers(e2e):
     assert [s["path"] for s in json.loads(one.read_text())["shards"]] == [s["path"] for s in json.loads(two.read_text())["shards"]]
 
 
+def test_a_local_cluster_never_starts_more_workers_than_partitions(monkeypatch):
+    from tasks.cluster import local_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert local_workers(None, 6) == 6  # default: one per core, capped by the partitions
+    assert local_workers(None, 63) == 16
+    assert local_workers(4, 63) == 4 and local_workers(32, 6) == 6
+    assert local_workers(None, 0) == 1
+
+
 def test_incremental_reencodes_only_what_changed_and_keeps_dedup_exact(tmp_path):
     src = make_corpus(tmp_path / "src", n=80, seed=1)  # many partitions, whatever the tmp path hashes to
     first = json.loads(run(src, tmp_path / "shards").read_text())

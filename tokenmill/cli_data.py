@@ -130,7 +130,7 @@ def preprocess(
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
     catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP),
     dask_address: Optional[str] = typer.Option(None, help="An existing Dask scheduler (default: $TOKENMILL_DASK_ADDRESS or a LocalCluster)."),
-    workers: Optional[int] = typer.Option(None, min=1, help="LocalCluster worker processes (default: one per core)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="LocalCluster worker processes (default: one per core; never more than the partitions)."),
     task: Optional[str] = typer.Option(None, help="lm or classify (default: classify when the corpus has labels, else lm)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object: manifest and stats."),
 ) -> None:

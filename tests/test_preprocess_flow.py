@@ -99,8 +99,9 @@ def test_shards_do_not_depend_on_the_number_of_workers(e2e):
     tokenizer = TokenizerConfig(vocab_size=400, reuse=str(manifest_path.parent))
     one = run(root / "src", root / "w1", tokenizer, n_workers=1)
     two = run(root / "src", root / "w2", tokenizer, n_workers=2)
-    assert shard_shas(one) == shard_shas(two) == shard_shas(manifest_path)
-    assert [s["path"] for s in json.loads(one.read_text())["shards"]] == [s["path"] for s in json.loads(two.read_text())["shards"]]
+    four = run(root / "src", root / "w4", tokenizer, n_workers=4)  # workers forked from a fork server
+    assert shard_shas(one) == shard_shas(two) == shard_shas(four) == shard_shas(manifest_path)
+    assert [s["path"] for s in json.loads(one.read_text())["shards"]] == [s["path"] for s in json.loads(four.read_text())["shards"]]
 
 
 def test_a_local_cluster_never_starts_more_workers_than_partitions(monkeypatch):
@@ -111,6 +112,15 @@ def test_a_local_cluster_never_starts_more_workers_than_partitions(monkeypatch):
     assert local_workers(None, 63) == 16
     assert local_workers(4, 63) == 4 and local_workers(32, 6) == 6
     assert local_workers(None, 0) == 1
+
+
+def test_many_local_workers_start_from_a_fork_server_unless_configured_otherwise():
+    from tasks.cluster import start_method_config
+
+    assert start_method_config(2) == {}
+    assert start_method_config(4) == {"distributed.worker.multiprocessing-method": "forkserver"}
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}):
+        assert start_method_config(16) == {}
 
 
 def test_incremental_reencodes_only_what_changed_and_keeps_dedup_exact(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from numpy.lib.stride_tricks import as_strided
 
 TOKENS = "tokens"
 
@@ -28,8 +29,10 @@ def pack_rows(stream: np.ndarray, row_len: int) -> np.ndarray:
     n_rows = max(0, (len(stream) - 1) // step)
     if n_rows == 0:
         return np.empty((0, row_len), dtype=stream.dtype)
-    idx = np.arange(n_rows)[:, None] * step + np.arange(row_len)[None, :]
-    return stream[idx]
+    # A strided view of the overlapping windows, copied once: no (rows x row_len) index array.
+    stream = np.ascontiguousarray(stream)
+    item = stream.strides[0]
+    return as_strided(stream, shape=(n_rows, row_len), strides=(step * item, item), writeable=False).copy()
 
 
 def schema(row_len: int, dtype: np.dtype, metadata: dict[str, str]) -> pa.Schema:

@@ -245,20 +245,15 @@ def tree_cpu() -> float:
 
 @contextlib.contextmanager
 def standing_cluster(workers: int):
-    """A LocalCluster started before the timed runs, its workers' imports done: what a run on
-    an already running scheduler (`--dask-address`) sees. Yields its address."""
-    import logging
+    """The LocalCluster `preprocess_corpus` would start, started before the timed runs with
+    every worker up and its imports done: what a run on an already running scheduler
+    (`--dask-address`) sees. Yields its address."""
+    from tasks.cluster import dask_client
 
-    import dask
-    from distributed import Client, LocalCluster
-
-    from tasks.cluster import QUIET_WORKERS, start_method_config
-
-    with dask.config.set({**QUIET_WORKERS, **start_method_config(workers)}), LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
-    ) as cluster, Client(cluster) as client:
+    with dask_client(None, workers) as client:
+        client.wait_for_workers(workers)
         client.run(importlib.import_module, "tasks.encode")
-        yield cluster.scheduler_address
+        yield client.scheduler.address
 
 
 def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig,

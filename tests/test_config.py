@@ -111,6 +111,15 @@ def test_parsed_assignments_resolve_into_the_config():
     assert cfg.model.n_head == 2
 
 
+def test_set_null_clears_a_preset_value_but_none_stays_a_string():
+    # The small preset sets tokens_per_step; null hands the choice back to grad_accum.
+    assert resolve_config("small").train.tokens_per_step == 131072
+    cfg = resolve_config("small", None, parse_assignments(["train.tokens_per_step=null", "data.normalize=none"]))
+    assert cfg.train.tokens_per_step is None
+    assert cfg.data.normalize == "none"
+    assert parse_assignments(["train.tokens_per_step=~"]) == {"train": {"tokens_per_step": None}}
+
+
 @pytest.mark.parametrize("bad", ["noequals", "=3", "  =x"])
 def test_parse_assignments_rejects_items_without_a_key(bad):
     with pytest.raises(TokenmillError, match="SECTION.FIELD=VALUE"):

@@ -200,8 +200,11 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
 
 
 def parse_value(raw: str) -> Any:
-    """A --set value: int, then float (so 1e-3 and 1e6 are numbers), then YAML, else the string."""
+    """A --set value: int, then float (so 1e-3 and 1e6 are numbers), null (None), booleans, YAML
+    lists and maps, else the string."""
     text = raw.strip()
+    if text.lower() in ("null", "~"):  # not "none": data.normalize=none is a string value
+        return None
     for convert in (int, float):
         try:
             return convert(text)

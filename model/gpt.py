@@ -10,6 +10,7 @@ from outside, so the code here never changes when the hardware does.
 
     model = GPT(config_from_preset("tiny", vocab_size=4096))
     logits, loss = model(idx, targets)
+    out = model.eval().generate(idx, max_new_tokens=64, temperature=0.8, top_k=50)
 """
 
 import math
@@ -116,6 +117,31 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+class KVCache:
+    """One attention layer's keys and values for the positions generation has seen.
+
+    Generation first feeds the whole prompt (the prefill), then one new token per step;
+    each step reads the earlier keys and values from here instead of recomputing them.
+    The prefill allocates room for `size` positions, in the dtype and on the device of
+    its keys, so later steps only copy into that room.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.len = 0  # positions stored
+        self.k = self.v = None  # each (B, nh, size, hs) once the prefill has run
+
+    def append(self, k, v):
+        """Store k and v (B, nh, T, hs) after the stored positions; return all, (B, nh, len, hs)."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k, self.v = k.new_empty(B, nh, self.size, hs), v.new_empty(B, nh, self.size, hs)
+        start, self.len = self.len, self.len + k.size(2)
+        self.k[:, :, start:self.len] = k
+        self.v[:, :, start:self.len] = v
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -128,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
         hs = C // self.n_head
         # Stay in the (B, T, nh, hs) layout the projection produces: rotate q and k there and
@@ -138,9 +164,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # each (B, T, nh, hs)
         cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs)
         q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # each (B, nh, L, hs): every position so far
+        # The T queries are the last T of the L keys. With T == L (training, a prefill) that is
+        # SDPA's causal mask. A decode step (T == 1) sees every key and needs no mask: is_causal
+        # would align its mask top-left and hide all keys but the first.
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, is_causal=T == k.size(2), dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -170,10 +201,22 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def next_token(logits, temperature, top_k, generator):
+    """Pick one token id (B, 1) from last-position logits (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
+        logits[logits < kth[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)  # (B, vocab)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 class GPT(nn.Module):
@@ -226,35 +269,42 @@ class GPT(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def features(self, idx):
+    def features(self, idx, caches=None):
         """The final-normed hidden states (B, T, C) of token ids idx (B, T).
 
         Position t depends only on positions <= t (causal attention), which is
         what lets a classifier on top ignore right padding.
+
+        caches, one KVCache per layer, are for generation: idx then continues the
+        positions the caches hold, either all of a prompt into empty caches or one
+        token (T == 1) at a time.
         """
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         B, T = idx.size()
-        if T > self.config.block_size:
+        start = 0 if caches is None else caches[0].len  # absolute position of idx[:, 0]
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                f"sequence length {start + T} exceeds block_size {self.config.block_size}; "
                 f"crop the input or raise block_size"
             )
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
+        if start > 0 and T > 1:
+            raise ValueError(f"a filled KV cache takes one token at a time, got {T}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cos, sin)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, None if caches is None else caches[i])  # (B, T, C)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, caches=None):
         """Return (logits, loss).
 
         With targets: logits for every position, (B, T, vocab), and the mean
         float32 cross-entropy; targets of -1 are ignored. Without targets: only
         the last position's logits, (B, 1, vocab), and None, which is all that
-        generation needs and saves the full head matmul.
+        generation needs and saves the full head matmul. caches: see features().
         """
-        x = self.features(idx)  # (B, T, C)
+        x = self.features(idx, caches)  # (B, T, C)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             # float32 so a bf16 autocast does not round the loss
@@ -267,30 +317,41 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None, use_cache=True):
         """Append max_new_tokens sampled tokens to idx (B, T) and return (B, T + n).
 
         temperature == 0 picks the argmax. Pass a seeded `generator` for
         reproducible sampling. Call model.eval() first if dropout is on.
+
+        Each new token is predicted from at most the last block_size tokens: a
+        longer prompt is cropped to its last block_size tokens, and once the
+        sequence outgrows block_size the window slides by one token per step,
+        its first token always at rotary position 0.
+
+        use_cache keeps each layer's keys and values in a KVCache, so that a step
+        feeds one token through the network instead of the whole context. When
+        the window slides, every token moves to a new rotary position and every
+        cached key goes stale, so from then on each step feeds the whole window
+        through the network, as use_cache=False does at every step. The two give
+        the same tokens up to float rounding (tests/test_model.py checks that
+        they are identical).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         block_size = self.config.block_size
+        caches = None
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()  # (B, vocab)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k)
-                    logits[logits < kth[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)  # (B, vocab)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            if not use_cache or idx.size(1) > block_size:
+                idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+                logits, _ = self(idx_cond)
+            elif caches is None:  # prefill: the whole prompt, filling the caches
+                caches = [KVCache(block_size) for _ in self.transformer.h]
+                logits, _ = self(idx, caches=caches)
+            else:  # decode: only the newest token, its position after the cached ones
+                logits, _ = self(idx[:, -1:], caches=caches)
+            idx_next = next_token(logits[:, -1, :].float(), temperature, top_k, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
         return idx
 

@@ -15,6 +15,18 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
     return model
 
 
+def attentive_model(**overrides) -> GPT:
+    """A tiny model with its matrices scaled up 5x, so that attention moves the logits as in a
+    trained model and a cache that feeds attention the wrong keys or positions changes the tokens
+    (at the initial scale, the argmax hardly depends on anything but the last token)."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model
+
+
 def random_batch(vocab_size: int, B: int = 2, T: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab_size, (B, T), generator=g)
@@ -182,6 +194,56 @@ def test_sampling_is_reproducible_with_a_generator():
     ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+def test_decoding_one_token_at_a_time_with_caches_matches_the_full_forward():
+    from model.gpt import KVCache
+
+    model = tiny_model(block_size=16)
+    idx, targets = random_batch(model.config.vocab_size, B=2, T=16)
+    full, _ = model(idx, targets)  # (B, T, vocab)
+    caches = [KVCache(16) for _ in model.transformer.h]
+    prefill, _ = model(idx[:, :6], caches=caches)
+    steps = [model(idx[:, [t]], caches=caches)[0] for t in range(6, 16)]  # each sees all keys so far, at its own position
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_filled_cache_takes_one_token_at_a_time():
+    from model.gpt import KVCache
+
+    model = tiny_model(block_size=16)
+    idx, _ = random_batch(model.config.vocab_size, B=1, T=8)
+    caches = [KVCache(16) for _ in model.transformer.h]
+    model(idx[:, :4], caches=caches)
+    with pytest.raises(ValueError, match="one token at a time"):
+        model(idx[:, 4:], caches=caches)
+
+
+def test_cached_greedy_generation_equals_uncached():
+    model = attentive_model()
+    idx, _ = random_batch(model.config.vocab_size, B=3, T=7)
+    cached = model.generate(idx, max_new_tokens=40, temperature=0)
+    assert torch.equal(cached, model.generate(idx, max_new_tokens=40, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12, 16, 21])  # crosses block_size early, late, at once; cropped prompt
+def test_cached_generation_equals_uncached_past_block_size(prompt_len):
+    model = attentive_model(block_size=16)
+    idx, _ = random_batch(model.config.vocab_size, B=2, T=prompt_len)
+    cached = model.generate(idx, max_new_tokens=20, temperature=0)
+    uncached = model.generate(idx, max_new_tokens=20, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + 20) and torch.equal(cached[:, :prompt_len], idx)
+    assert torch.equal(cached, uncached)
+
+
+def test_cached_sampling_equals_uncached_with_the_same_generator():
+    model = attentive_model(block_size=16)
+    idx, _ = random_batch(model.config.vocab_size, B=2, T=5)
+    runs = [
+        model.generate(idx, 24, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(7), use_cache=c)
+        for c in (True, False)
+    ]
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_small_preset_has_gpt2_124m_parameters():

@@ -4,23 +4,49 @@ The model is logged as a pyfunc *from code* (`tasks/lm_pyfunc.py` for a language
 `tasks/classifier_pyfunc.py` for a classifier) with its weights, tokenizer and config as plain
 artifacts, so loading never unpickles anything: weights come back through
 `torch.load(weights_only=True)`. The pytorch flavor's default pt2 export was not used on
-purpose: it needs an input example, ties the artifact to one torch version's export format,
-and cannot carry the tokenizer that makes the model usable from text.
+purpose: it ties the artifact to one torch version's export format and cannot carry the
+tokenizer that makes the model usable from text.
+
+The logged model is self-contained: the wrapper imports only what `code_paths` puts in its
+`code/` directory (the `model` package and `pyfunc_io.py`) and the libraries its
+`requirements.txt` pins to the versions it was trained with, so it loads, and `mlflow models
+serve` serves it, where tokenmill is not installed:
+
+    model/
+      MLmodel                 python_function: code: code, model_code_path: lm_pyfunc.py
+      lm_pyfunc.py            (or classifier_pyfunc.py)
+      code/model/, code/pyfunc_io.py
+      artifacts/              model.pt, tokenizer.model, config.json (shapes, head, weights_sha256)
+      requirements.txt        torch==..., sentencepiece==..., numpy==..., mlflow==... (+ pandas)
+      input_example.json, serving_input_example.json
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+from tasks import pyfunc_io
 from tasks.atomic import sha256_file
+from tasks.shards import PAD_ID
 from tokenmill.errors import TokenmillError
 
 PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
 CLASSIFIER_PYFUNC_CODE = Path(__file__).with_name("classifier_pyfunc.py")
-PIP_REQUIREMENTS = ["tokenmill", "torch", "sentencepiece", "numpy", "mlflow"]
+# What the wrappers import besides plain libraries; it travels in the logged model's code/.
+PYFUNC_IO = Path(__file__).with_name("pyfunc_io.py")
+# The libraries each wrapper imports, pinned at log time (`requirements`).
+LM_LIBRARIES = ("torch", "sentencepiece", "numpy", "mlflow")
+CLASSIFIER_LIBRARIES = (*LM_LIBRARIES, "pandas")
+# Small on purpose: logging a model with an example predicts it once to validate it.
+LM_EXAMPLE = (["def main("], {"max_new_tokens": 8})
+CLASSIFIER_EXAMPLE = ["import os\nprint(os.getcwd())\n"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +68,55 @@ def from_manifest(weights: Path, gpt_config: dict, manifest_path: Path, head: di
 
 def logged_head(head: dict, manifest: dict) -> dict:
     """The head as the classifier pyfunc needs it: labels in id order, pooling, and how texts
-    were cut and normalized in training (the manifest's row length and normalization)."""
+    were cut, normalized and padded in training (the manifest's row length and normalization,
+    the shards' pad id)."""
     labels = list(head.get("labels") or manifest.get("labels") or [])
     if not labels:
         raise TokenmillError("a classifier's head names no labels; train it on a classify manifest")
-    normalize = manifest.get("config", {}).get("data", {}).get("normalize", "none")
     return {**head, "labels": labels, "n_classes": len(labels), "max_len": int(manifest["row_len"]),
-            "normalize": normalize}
+            "normalize": training_normalization(manifest), "pad_id": PAD_ID}
+
+
+def training_normalization(manifest: dict) -> str:
+    """The Unicode normalization the shards' documents had before encoding (data.normalize)."""
+    return manifest.get("config", {}).get("data", {}).get("normalize", "none")
+
+
+def requirements(libraries) -> list[str]:
+    """`name==version` of each installed library, without a local build suffix (torch's
+    `2.13.0+cpu` pins as `2.13.0`) so that the pin installs from PyPI."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in libraries]
+
+
+def code_paths() -> list[str]:
+    """The `model` package (found without importing torch) and `pyfunc_io.py`."""
+    package = Path(importlib.util.find_spec("model").origin).parent
+    return [str(package), str(PYFUNC_IO)]
+
+
+@contextmanager
+def wrapper_importable():
+    """MLflow runs the wrapper file in this process while logging it, before the wrapper's
+    code/ directory is on `sys.path`; meanwhile its `import pyfunc_io` finds this checkout's
+    (not a copy that a model loaded earlier in this process left in `sys.modules`)."""
+    saved = sys.modules.get("pyfunc_io")
+    sys.modules["pyfunc_io"] = pyfunc_io
+    try:
+        yield
+    finally:
+        if saved is None:
+            sys.modules.pop("pyfunc_io", None)
+        else:
+            sys.modules["pyfunc_io"] = saved
+
+
+def file_weights_sha256(weights: Path) -> str:
+    """The sha256 a registered version is tagged with (`tasks.checkpoint.weights_sha256`)."""
+    import torch
+
+    from tasks.checkpoint import weights_sha256
+
+    return weights_sha256(torch.load(weights, map_location="cpu", weights_only=True))
 
 
 def model_signature():
@@ -74,24 +142,30 @@ def classifier_signature(labels: list[str]):
 
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),  # unnamed: a list of texts or a one-column frame
-        outputs=Schema([ColSpec("string", "label"), *(ColSpec("double", f"p_{label}") for label in labels)]),
+        outputs=Schema([ColSpec("string", "label"),
+                        *(ColSpec("double", column) for column in pyfunc_io.probability_columns(labels))]),
     )
 
 
 def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: str):
-    """Log the pyfunc, the manifest and the dataset lineage into `run_id`; return the ModelInfo."""
+    """Log the pyfunc, the manifest and the dataset lineage into `run_id`; return the ModelInfo.
+
+    config.json records the weights' sha256, so whoever holds only the model can verify them."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     manifest_sha = sha256_file(manifest_path)
     manifest = json.loads(Path(manifest_path).read_text())
-    config = {"gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256, "manifest_sha256": manifest_sha}
+    config = {"gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256,
+              "manifest_sha256": manifest_sha, "weights_sha256": file_weights_sha256(model.weights),
+              "normalize": training_normalization(manifest)}
     if model.head is not None:
         config["head"] = logged_head(model.head, manifest)
         code, signature = CLASSIFIER_PYFUNC_CODE, classifier_signature(config["head"]["labels"])
+        example, libraries = CLASSIFIER_EXAMPLE, CLASSIFIER_LIBRARIES
     else:
-        code, signature = PYFUNC_CODE, model_signature()
+        code, signature, example, libraries = PYFUNC_CODE, model_signature(), LM_EXAMPLE, LM_LIBRARIES
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config))
@@ -102,13 +176,17 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
         fingerprint = manifest["corpus"]["fingerprint"]
         mlflow.log_input(dataset, context="training",
                          tags={"manifest_sha256": manifest_sha, "corpus_fingerprint": fingerprint})
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            artifacts={"weights": str(model.weights), "tokenizer": str(model.tokenizer), "config": str(config_path)},
-            signature=signature,
-            pip_requirements=PIP_REQUIREMENTS,
-        )
+        with wrapper_importable():
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={"weights": str(model.weights), "tokenizer": str(model.tokenizer),
+                           "config": str(config_path)},
+                signature=signature,
+                input_example=example,
+                code_paths=code_paths(),
+                pip_requirements=requirements(libraries),
+            )
 
 
 def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:

@@ -9,20 +9,9 @@ import torch
 
 from tasks.atomic import write_bytes, write_with
 from tasks.metrics import metric_names
-
-
-@torch.no_grad()
-def complete(model, sp, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-             generator: torch.Generator, device: torch.device) -> str:
-    """The sampled continuation of `prompt`, cut at the first end-of-document token."""
-    eos = sp.eos_id()
-    ids = sp.encode(prompt) or [eos]
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    new = out[0, len(ids):].tolist()
-    if eos in new:
-        new = new[: new.index(eos)]
-    return sp.decode(new)
+# `complete` lives with the logged pyfunc models, so a served model samples as evaluation does;
+# models registered before it moved import it from here.
+from tasks.pyfunc_io import complete
 
 
 def sample_generations(model, sp, prompts: list[str], max_new_tokens: int, temperature: float,

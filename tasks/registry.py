@@ -242,20 +242,26 @@ def _short(value: str | None) -> str:
     return f"{number:.4f}" if math.isfinite(number) else str(number)
 
 
-def recorded_evaluation(model_uri: str) -> tuple[str, int | None]:
-    """The manifest and eval-set size a registered version was evaluated with (its tags)."""
+def registered_version(model_uri: str):
+    """The ModelVersion (tags, run id) that models:/NAME/VERSION or models:/NAME@ALIAS names."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
     try:
+        if not model_uri.startswith("models:/"):
+            raise ValueError(model_uri)
         name, _, ref = model_uri.removeprefix("models:/").partition("/")
         if "@" in name:
             name, alias = name.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            mv = client.get_model_version(name, ref)
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, ref)
     except (MlflowException, ValueError):
         raise TokenmillError(f"cannot resolve {model_uri}; use models:/NAME@ALIAS or models:/NAME/VERSION") from None
+
+
+def recorded_evaluation(model_uri: str) -> tuple[str, int | None]:
+    """The manifest and eval-set size a registered version was evaluated with (its tags)."""
+    mv = registered_version(model_uri)
     manifest = mv.tags.get("manifest")
     if not manifest:
         raise TokenmillError(f"{model_uri} records no manifest; pass --shards PATH/manifest.json")

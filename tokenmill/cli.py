@@ -232,6 +232,23 @@ def models(name: str = typer.Option("tokenmill-lm", help="Registered model name,
         console.print(table)
 
 
+@app.command()
+def export(
+    model_uri: str = typer.Argument(..., help="A registered language model, e.g. models:/tokenmill-lm@champion."),
+    out_dir: Path = typer.Argument(..., help="Directory to write: a new one, or an existing empty one."),
+    fmt: str = typer.Option("hf", "--format", help="hf: a Hugging Face checkpoint (safetensors, config, tokenizer)."),
+) -> None:
+    """Write a registered language model in a format other tools load (transformers' from_pretrained)."""
+    with user_errors():
+        if fmt != "hf":
+            raise TokenmillError(f"unknown --format '{fmt}': the only format is hf (a Hugging Face checkpoint)")
+        runtime.configure_env()
+        from tasks.export import ARCHITECTURE, export_hf
+
+        path = export_hf(model_uri, out_dir)
+        typer.echo(f"wrote {path} ({ARCHITECTURE}; load it with AutoModelForCausalLM.from_pretrained)")
+
+
 def _register_stage_commands() -> None:
     from tokenmill.cli_data import catalog_app, preprocess
     from tokenmill.cli_train import train

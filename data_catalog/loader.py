@@ -160,13 +160,17 @@ def _message(err: dict) -> str:
     return err["msg"].removeprefix("Value error, ")
 
 
-def resolve_corpus(name_or_path: str, catalog_path: Path | None = None) -> Corpus:
-    """A catalog entry by name, or an ad-hoc corpus when the argument is a path, glob or URL."""
+def resolve_corpus(name_or_path: str, catalog_path: Path | None = None, task: str | None = None) -> Corpus:
+    """A catalog entry by name, or an ad-hoc corpus when the argument is a path, glob or URL.
+
+    An ad-hoc local directory asked to train a classifier (`task="classify"`) is read as one
+    subdirectory per class, as `label_dirs: true` reads it."""
     catalog, path = load_catalog(catalog_path)
     if name_or_path in catalog.corpora:
         return resolve_entry(name_or_path, catalog.corpora[name_or_path], base=path.parent)
     if _looks_like_path(name_or_path):
-        entry = CorpusEntry(paths=[name_or_path], format="auto")
+        by_dirs = task == "classify" and not is_url(name_or_path) and os.path.isdir(os.path.expanduser(name_or_path))
+        entry = CorpusEntry(paths=[name_or_path], format="auto", label_dirs=by_dirs)
         name = name_or_path.rstrip("/").rsplit("/", 1)[-1] or "corpus"
         return resolve_entry(_slug(name), entry, base=Path.cwd())
     known = ", ".join(sorted(catalog.corpora)) or "none"

@@ -55,9 +55,13 @@ def start_method_config(workers: int) -> dict[str, str]:
 def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     from distributed import Client, LocalCluster
 
-    # Prefect's logging setup turns distributed's INFO chatter back on; progress is ours to show.
+    from tokenmill.console import verbose
+
+    # Prefect's logging setup turns distributed's INFO chatter back on; progress is ours to show,
+    # unless `tokenmill --verbose` asked for the frameworks' logs.
+    level = logging.INFO if verbose() else logging.ERROR
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core", "distributed.http.proxy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(level)
     if address:
         with Client(address, timeout="30s") as client:
             yield client
@@ -70,7 +74,7 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
         threads_per_worker=1,
         processes=True,
         dashboard_address=":0",
-        silence_logs=logging.ERROR,
+        silence_logs=level,
     ) as cluster, Client(cluster) as client:
         cluster.scale(workers)
         try:

@@ -31,6 +31,7 @@ from tasks.training_data import manifest_task
 from tokenmill.config import EvalConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 
 @dataclass
@@ -110,27 +111,35 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
     manifest = json.loads(Path(manifest_path).read_text())
     key = stage_cache.eval_key(trained.weights_sha256, mf.eval_set_sha(manifest, cfg.max_rows), cfg)
     models_root = Path(trained.weights).parent.parent
-    cached = None if refresh or not trained.weights_sha256 else stage_cache.lookup(models_root, key)
-    if cached:
-        step(f"evaluation cached (verified, key {key[:12]})")
-        result = Evaluation(local, cached["metrics"], cached["eval_set_sha256"], cached["eval_max_rows"],
-                            cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]],
-                            task=cached.get("task", "lm"), confusion=cached.get("confusion"))
-    else:
-        step("evaluating on the frozen eval set")
-        result = evaluate(manifest_path, local, cfg)
-        history = loss_history(run_id) if run_id else {}
-        lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
-                   "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
-        out_dir = Path(trained.weights).parent / f"eval-{key[:12]}"
-        result.files = write_evaluation_report(out_dir, result, lineage, history)
-        stage_cache.store(models_root, key, result.files, {
-            "metrics": result.metrics, "eval_set_sha256": result.eval_set_sha256, "eval_max_rows": result.eval_max_rows,
-            "weights_sha256": result.weights_sha256, "samples": result.samples, "files": [str(p) for p in result.files],
-            "task": result.task, "confusion": result.confusion,
-        })
+    with exclusive(stage_cache.record_path(models_root, key), f"evaluating the same weights (key {key[:12]})"):
+        cached = None if refresh or not trained.weights_sha256 else stage_cache.lookup(models_root, key)
+        if cached:
+            step(f"evaluation cached (verified, key {key[:12]})")
+            result = Evaluation(local, cached["metrics"], cached["eval_set_sha256"], cached["eval_max_rows"],
+                                cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]],
+                                task=cached.get("task", "lm"), confusion=cached.get("confusion"))
+        else:
+            result = fresh_evaluation(manifest_path, local, trained, cfg, run_id, models_root, key)
     if run_id:
         log_evaluation(run_id, result)
+    return result
+
+
+def fresh_evaluation(manifest_path: Path, local: LocalModel, trained, cfg: EvalConfig, run_id: str | None,
+                     models_root: Path, key: str) -> Evaluation:
+    """Score the model, write the report beside its weights and record both in the stage cache."""
+    step("evaluating on the frozen eval set")
+    result = evaluate(manifest_path, local, cfg)
+    history = loss_history(run_id) if run_id else {}
+    lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
+               "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
+    out_dir = Path(trained.weights).parent / f"eval-{key[:12]}"
+    result.files = write_evaluation_report(out_dir, result, lineage, history)
+    stage_cache.store(models_root, key, result.files, {
+        "metrics": result.metrics, "eval_set_sha256": result.eval_set_sha256, "eval_max_rows": result.eval_max_rows,
+        "weights_sha256": result.weights_sha256, "samples": result.samples, "files": [str(p) for p in result.files],
+        "task": result.task, "confusion": result.confusion,
+    })
     return result
 
 

@@ -22,9 +22,10 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks import trainer
+from tasks import checkpoint, trainer
 from tasks.checkpoint import WarmStart
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,22 @@ def run_training(
     warm: WarmStart | None = None,
     topology: Topology | None = None,
 ) -> trainer.TrainResult | None:
-    """Train here or under torchrun; None only on a node whose ranks do not include rank 0."""
+    """Train here or under torchrun; None only on a node whose ranks do not include rank 0.
+    One process at a time trains into `out_dir`: an overlapping one waits, then, unless it
+    resumes, stops on the checkpoints the first one left instead of mixing its own in."""
     topology = topology or Topology(nproc_per_node=cfg.train.nproc_per_node)
+    if topology.nnodes > 1:  # every node runs this with the same out_dir: a shared lock would keep them apart
+        return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
+    with exclusive(Path(out_dir).resolve(), f"training into {out_dir}"):
+        earlier = checkpoint.list_checkpoints(Path(out_dir) / trainer.CHECKPOINTS)
+        if earlier and not resume:
+            raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
+                                 f"continue it with --resume, or choose a new --out")
+        return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
+
+
+def launch(manifest_path: Path, cfg, out_dir: Path, tracker: trainer.Tracker, on_step: trainer.OnStep | None,
+           resume: bool, warm: WarmStart | None, topology: Topology) -> trainer.TrainResult | None:
     if not topology.distributed:
         return trainer.train(manifest_path, cfg, out_dir, tracker, on_step, resume=resume, warm=warm)
     work = Path(out_dir) / ".launch"

@@ -37,6 +37,7 @@ from tasks.preprocess_report import encode_progress, summarize
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 
 def doc_rules(corpus: Corpus, data: DataConfig) -> DocRules:
@@ -99,9 +100,16 @@ def preprocess_corpus(
         return preprocess_labelled(corpus, tokenizer, data, classify, shards_root, dask_address, n_workers, refresh,
                                    reuse_tokenizer)
     tokenizer, reused, out = resolve_output(corpus, tokenizer, data, shards_root, reuse_tokenizer)
-    if (cached := mf.reuse_or_clear(out, refresh)) is not None:
-        step(f"shards cached: {out} (verified)")
-        return cached
+    with exclusive(out, f"building {out}"):  # an overlapping run waits here, then reuses this build
+        if (cached := mf.reuse_or_clear(out, refresh)) is not None:
+            step(f"shards cached: {out} (verified)")
+            return cached
+        return build_shards(corpus, tokenizer, data, out, reused, dask_address, n_workers, refresh)
+
+
+def build_shards(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, out: Path, reused: Path | None,
+                 dask_address: str | None, n_workers: int | None, refresh: bool) -> Path:
+    """Tokenizer, shards and, last, the manifest in `out`; returns the manifest's path."""
     if refresh:
         data = data.model_copy(update={"incremental": False})
     manifest_path = out / mf.MANIFEST

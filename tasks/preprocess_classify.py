@@ -30,6 +30,7 @@ from tasks.partitions import Partition, plan_partitions
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
 from tokenmill.console import console, step
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 LABEL_REASONS = ("dropped_missing_label", "dropped_unknown_label", "dropped_bad_label", "dropped_label_conflict")
 
@@ -66,9 +67,16 @@ def preprocess_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataCo
         raise TokenmillError(f"corpus '{corpus.name}' has no labels; set label_field or label_dirs in its catalog "
                              "entry, or preprocess it for the language model with --task lm")
     tokenizer, reused, out = labelled_output(corpus, tokenizer, data, classify, shards_root, reuse_tokenizer)
-    if (cached := mf.reuse_or_clear(out, refresh)) is not None:
-        step(f"labelled shards cached: {out} (verified)")
-        return cached
+    with exclusive(out, f"building {out}"):  # an overlapping run waits here, then reuses this build
+        if (cached := mf.reuse_or_clear(out, refresh)) is not None:
+            step(f"labelled shards cached: {out} (verified)")
+            return cached
+        return build_labelled(corpus, tokenizer, data, classify, out, reused, dask_address, n_workers, refresh)
+
+
+def build_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, classify: ClassifyConfig, out: Path,
+                   reused: Path | None, dask_address: str | None, n_workers: int | None, refresh: bool) -> Path:
+    """Tokenizer, labelled shards and, last, the manifest in `out`; returns the manifest's path."""
     if refresh:
         data = data.model_copy(update={"incremental": False})
     manifest_path = out / mf.MANIFEST

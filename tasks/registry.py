@@ -3,8 +3,11 @@
 Every candidate becomes a version with alias `challenger`, tagged with its eval metrics, its
 eval-set sha and its task's gate metric (`gate_metric`: val_bpb for a language model, macro_f1
 for a classifier). It becomes `champion` only through the pure gate in `tasks/promotion.py`;
-the champion it replaces keeps `previous-champion`. Registration is idempotent: a version is
-looked up by its candidate id (the MLflow run id) first, so a retried task never duplicates.
+the champion it replaces keeps `previous-champion`. Registration is idempotent: under a lock
+per registered model (tokenmill/locks.py), a version is looked up by its candidate id (the weights
+and eval set it was scored on) first, so neither a retried task nor an overlapping run
+duplicates it, and its gate runs once. Processes on other machines, which the lock does not
+reach, settle a race on the lowest version (`create_version_once`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tasks.promotion import GATES, Candidate, Decision, IncomparableModels, deci
 from tokenmill.config import ModelConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
@@ -35,6 +39,7 @@ class Registration:
     version: str
     aliases: list[str] = field(default_factory=list)
     decision: str = ""
+    champion: str | None = None  # the version holding `champion` after the gate; None when none does
 
 
 def _client():
@@ -54,10 +59,34 @@ def candidate_id(evaluation: Evaluation) -> str:
     return content_key(evaluation.weights_sha256, evaluation.eval_set_sha256)
 
 
+def candidate_versions(client, name: str, cid: str) -> list:
+    """The versions tagged with candidate id `cid`, lowest first."""
+    found = client.search_model_versions(f"name='{name}' and tag.`{CANDIDATE_TAG}` = '{cid}'")
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
 def existing_version(client, name: str, cid: str):
-    for mv in client.search_model_versions(f"name='{name}' and tag.`{CANDIDATE_TAG}` = '{cid}'"):
-        return mv
-    return None
+    """The candidate's version: the lowest, should a race have left more than one."""
+    return next(iter(candidate_versions(client, name, cid)), None)
+
+
+def create_version_once(client, name: str, logged, run_id: str, cid: str):
+    """Create the candidate's version; when another machine created one for the same candidate
+    at the same moment (a file lock does not reach it), the lowest version wins and a higher one
+    this call created is deleted, so every racer ends with the same single version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mine = client.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
+                                       tags={CANDIDATE_TAG: cid})
+    winner = existing_version(client, name, cid)
+    if str(winner.version) != str(mine.version):
+        client.delete_model_version(name, str(mine.version))
+    return winner
 
 
 def candidate(client, name: str, version: str) -> Candidate:
@@ -98,25 +127,28 @@ def aliases_of(client, name: str, version: str) -> list[str]:
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
 def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path, corpus_name: str,
                        model_name: str, min_improvement: float) -> Registration:
-    """Register the evaluated model as a new version (once), tag it, then apply the promotion gate."""
-    local = evaluation.model
+    """Register the evaluated model as a new version (once), tag it, then apply the promotion gate
+    (once: a version found already gated keeps its recorded decision)."""
+    from mlflow import get_tracking_uri
+
     cid = candidate_id(evaluation)
     client = _client()
-    mv = existing_version(client, model_name, cid)
-    if mv is None:
-        step(f"registering {model_name}")
-        logged = log_model(run_id, local, manifest_path, corpus_name)
-        if not client.search_registered_models(f"name='{model_name}'"):
-            client.create_registered_model(model_name)
-        mv = client.create_model_version(model_name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                                         tags={CANDIDATE_TAG: cid})
-    else:
-        step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")
-    version = str(mv.version)
-    for key, value in version_tags(evaluation, manifest_path).items():
-        client.set_model_version_tag(model_name, version, key, value)
-    decision = gate(client, model_name, version, min_improvement)
-    return Registration(model_name, version, aliases_of(client, model_name, version), decision.reason)
+    with exclusive(f"registry {get_tracking_uri()} {model_name}", f"registering {model_name}"):
+        mv = existing_version(client, model_name, cid)
+        if mv is None:
+            step(f"registering {model_name}")
+            logged = log_model(run_id, evaluation.model, manifest_path, corpus_name)
+            mv = create_version_once(client, model_name, logged, run_id, cid)
+        else:
+            step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")
+        version = str(mv.version)
+        reason = mv.tags.get("promotion.reason")
+        if reason is None:  # new, or an earlier attempt failed before its gate
+            for key, value in version_tags(evaluation, manifest_path).items():
+                client.set_model_version_tag(model_name, version, key, value)
+            reason = gate(client, model_name, version, min_improvement).reason
+        return Registration(model_name, version, aliases_of(client, model_name, version), reason,
+                            alias_version(client, model_name, CHAMPION))
 
 
 def version_tags(evaluation: Evaluation, manifest_path: Path) -> dict[str, str]:

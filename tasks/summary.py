@@ -1,4 +1,5 @@
-"""What a pipeline run leaves in Prefect's UI: a markdown summary and a table of shard stats."""
+"""What a pipeline run leaves in Prefect's UI: a markdown summary, a table of shard stats and
+the summary in the run's logs."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def run_summary(task: str, manifest: Path, run_id: str, registered, evaluation, 
         "model_version": registered.version,
         "aliases": registered.aliases,
         "decision": registered.decision,
+        "champion_version": registered.champion,
         "eval_set_sha256": evaluation.eval_set_sha256,
         "generations": evaluation.samples,
         **evaluation.metrics,
@@ -59,17 +61,27 @@ def metric_rows(summary: dict) -> list[tuple[str, str]]:
     ]
 
 
-def summary_markdown(summary: dict, link: str) -> str:
-    rows = [
+def summary_rows(summary: dict, link: str) -> list[tuple[str, str]]:
+    return [
         ("model", f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})"),
         *metric_rows(summary),
-        ("eval set", f"`{summary['eval_set_sha256'][:16]}`"),
+        ("eval set", summary["eval_set_sha256"][:16]),
         ("promotion", summary["decision"]),
-        ("shards", f"`{summary['manifest']}`"),
+        ("shards", summary["manifest"]),
         ("MLflow", link),
     ]
+
+
+def summary_markdown(summary: dict, link: str) -> str:
+    code = ("eval set", "shards")
+    rows = [(k, f"`{v}`" if k in code else v) for k, v in summary_rows(summary, link)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"# tokenmill run\n\n| | |\n|---|---|\n{table}\n"
+
+
+def summary_text(summary: dict, link: str) -> str:
+    """The summary as plain lines, for the run's logs."""
+    return "run summary\n" + "\n".join(f"  {k:<10} {v}" for k, v in summary_rows(summary, link))
 
 
 def shard_table(manifest_path: Path) -> list[dict]:
@@ -80,8 +92,13 @@ def shard_table(manifest_path: Path) -> list[dict]:
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(summary: dict) -> None:
+    """The summary as artifacts, and as lines in the run's logs (the terminal prints its own)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    create_markdown_artifact(summary_markdown(summary, mlflow_run_link(summary["mlflow_run_id"])),
+    from tokenmill.console import to_run_log
+
+    link = mlflow_run_link(summary["mlflow_run_id"])
+    to_run_log(summary_text(summary, link))
+    create_markdown_artifact(summary_markdown(summary, link),
                              key="tokenmill-run-summary", description="metrics, model version and lineage")
     create_table_artifact(shard_table(Path(summary["manifest"])), key="tokenmill-shards", description="shard stats")

@@ -22,6 +22,7 @@ from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
 from tokenmill.console import progress, step
 from tokenmill.errors import TokenmillError
+from tokenmill.locks import exclusive
 
 
 def start_tokenizer(start: LocalModel | None, cfg: RunConfig, shards_root: Path, start_uri: str = "") -> Path | None:
@@ -83,22 +84,30 @@ def train_model(
         init_head = init.head
     key = stage_cache.train_key(manifest_path, cfg, init_from)
     tracker = RecordingTracker(tracker_for(run_id))
-    if not refresh and (cached := reuse_training(models_root, key, tracker)):
-        return cached
-    out_dir, owned = run_dir(models_root, run_id, task_run.id)
-    warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256, init_head) if init_from else None
+    with exclusive(stage_cache.record_path(models_root, key), f"training the same model (key {key[:12]})"):
+        if not refresh and (cached := reuse_training(models_root, key, tracker)):
+            return cached
+        out_dir, owned = run_dir(models_root, run_id, task_run.id)
+        warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256, init_head) if init_from else None
+        return fresh_training(manifest_path, cfg, models_root, key, out_dir, tracker, resume or owned, warm)
+
+
+def fresh_training(manifest_path: Path, cfg: RunConfig, models_root: Path, key: str, out_dir: Path,
+                   tracker: RecordingTracker, resume: bool, warm: checkpoint.WarmStart | None) -> trainer.TrainResult:
+    """Train into `out_dir` (continuing from its checkpoints when `resume`) and record the
+    result in the stage cache under `key`."""
     device = trainer.pick_device(cfg.train.device)
     ranks = f" x {cfg.train.nproc_per_node} ranks" if cfg.train.nproc_per_node > 1 else ""
     step(f"training on {device}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, {cfg.train.max_steps} steps")
     earlier = checkpoint.list_checkpoints(out_dir / trainer.CHECKPOINTS)
-    if earlier and (resume or owned):
+    if earlier and resume:
         step(f"resuming from {earlier[-1]}")
     with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
         job = bar.add_task("training", total=cfg.train.max_steps, loss="-", tps="-")
         result = run_training(
             manifest_path, cfg, out_dir, tracker,
             on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
-            resume=resume or owned, warm=warm,
+            resume=resume, warm=warm,
         )
     tracker.log_metrics({"train_tokens": result.tokens, "train_seconds": result.seconds}, step=result.steps)
     value = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}

@@ -131,6 +131,18 @@ def test_the_task_is_the_entry_s_unless_overridden(tmp_path):
     assert plan_run(str(tmp_path / "d.jsonl")).config.task == "lm"
 
 
+def test_an_ad_hoc_directory_trains_a_classifier_from_its_subdirectories(tmp_path):
+    for label in ("pos", "neg"):
+        write(tmp_path / "reviews" / label / "1.txt", f"a {label} review")
+    for task in ("classify", None):
+        plan = plan_run(str(tmp_path / "reviews"), task=task, overrides=["task=classify"] if task is None else [])
+        assert plan.config.task == "classify" and plan.corpus.entry.label_dirs
+        assert sorted(f.label for f in plan.corpus.files) == ["neg", "pos"]
+    lm = plan_run(str(tmp_path / "reviews"))  # the same folder as a language-model corpus: no labels
+    assert lm.config.task == "lm" and not lm.corpus.entry.label_dirs
+    assert lm.corpus.fingerprint != plan.corpus.fingerprint
+
+
 # --- reading labels ----------------------------------------------------------------------
 
 

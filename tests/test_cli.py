@@ -41,3 +41,30 @@ def test_malformed_catalog_is_named(tmp_path):
     assert result.returncode == 2
     assert f"catalog {bad} is not valid YAML" in result.stderr
     assert not (tmp_path / "state").exists()
+
+
+def test_the_summary_names_a_champion_only_when_one_exists():
+    from tokenmill.cli import champion_line
+
+    run = {"model_name": "tokenmill-lm", "model_version": "2"}
+    assert champion_line({**run, "champion_version": "2"}) == "models:/tokenmill-lm@champion (this version)"
+    assert champion_line({**run, "champion_version": "1"}) == (
+        "models:/tokenmill-lm@champion (v1; this version stays challenger)")
+    assert champion_line({**run, "champion_version": None}) == (
+        "none: no version of tokenmill-lm has passed the gate yet")
+
+
+def test_version_prints_and_exits(tmp_path):
+    from tokenmill import __version__
+
+    out = tokenmill("--version", home=tmp_path / "home")
+    assert out.returncode == 0 and out.stdout.strip() == f"tokenmill {__version__}"
+    assert not (tmp_path / "home").exists()  # nothing written
+
+
+def test_verbose_shows_the_framework_logs_that_the_default_hides(tmp_path):
+    quiet = tokenmill("models", home=tmp_path / "quiet")
+    loud = tokenmill("--verbose", "models", home=tmp_path / "loud")
+    assert "no registered model" in quiet.stderr and "no registered model" in loud.stderr
+    assert "Creating initial MLflow database tables" in loud.stderr  # MLflow's INFO line, on a new state dir
+    assert "Creating initial MLflow database tables" not in quiet.stderr

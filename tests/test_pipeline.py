@@ -14,13 +14,23 @@ import textwrap
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from tokenmill import runtime
+
 
 @pytest.fixture(scope="module")
 def pipeline_env(tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
-    saved = {k: os.environ.get(k) for k in ("TOKENMILL_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["TOKENMILL_HOME"] = str(state)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
+    env = {
+        "TOKENMILL_HOME": str(state),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{state / 'mlflow.db'}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # the tiny runs are shorter than the 10 s default
+        # As `tokenmill run` sets them (runtime.configure_env): the run loggers send INFO to Prefect's API.
+        "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+        "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    runtime.quiet_framework_noise()
     with prefect_test_harness(server_startup_timeout=180):
         from flows.pipeline import run_pipeline
 
@@ -70,6 +80,7 @@ def test_shards_are_reused_and_a_weak_challenger_is_not_promoted(pipeline_env):
     manifest = json.loads(open(weak["manifest"]).read())
     assert manifest["stats"]["tokens"] > 1_000_000
     assert weak["model_version"] == "2" and weak["aliases"] == ["challenger"]
+    assert (first["champion_version"], weak["champion_version"]) == ("1", "1")
     assert weak["val_bpb"] > first["val_bpb"]
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "1"
@@ -117,6 +128,27 @@ def test_run_records_lineage_artifacts_and_report(pipeline_env):
     assert len(lineage["manifest_sha256"]) == 64
     samples = pipeline_env["first"]["generations"]
     assert len(samples) == 5 and all(s["completion"].strip() for s in samples)
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+
+
+def test_stage_progress_and_the_summary_reach_the_prefect_run_logs(pipeline_env):
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    flow_run_id = MlflowClient().get_run(pipeline_env["first"]["mlflow_run_id"]).data.tags["prefect.flow_run_id"]
+    APILogHandler().flush()
+    messages, page = [], None
+    with get_client(sync_client=True) as client:
+        while page != []:  # the API returns at most 200 a call
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=len(messages))
+            messages += [log.message for log in page]
+    assert any(m.startswith("training on cpu") for m in messages), messages[:50]
+    summary = next(m for m in messages if m.startswith("run summary"))
+    assert "tokenmill-lm v1 (" in summary and "bits/byte" in summary and "promotion" in summary
 
 
 def test_registration_is_idempotent_under_a_retry(pipeline_env):

@@ -3,6 +3,8 @@
     tokenmill run [CORPUS] [--preset NAME] [--max-steps N] [--set SECTION.FIELD=VALUE] [--json]
     tokenmill run CORPUS --task classify [--init-from models:/tokenmill-lm@champion]
     tokenmill models [--name tokenmill-classifier]
+    tokenmill export models:/tokenmill-lm@champion OUT_DIR --format hf
+    tokenmill --verbose run ...      # also show Prefect, MLflow and Dask logs (TOKENMILL_VERBOSE=1)
 
 User errors print one line on stderr and exit with status 2; they never show a traceback.
 """
@@ -10,6 +12,7 @@ User errors print one line on stderr and exit with status 2; they never show a t
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +38,28 @@ def user_errors():
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from tokenmill import __version__
+
+        typer.echo(f"tokenmill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def common(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the frameworks' logs (Prefect, MLflow, Dask, alembic) on stderr."),
+) -> None:
+    """Raw text corpora to a trained, evaluated and registered Transformer."""
+    if verbose:
+        # Before any command configures logging (runtime.configure_env reads it); an environment
+        # variable, so the Dask workers and torchrun ranks it starts are verbose too.
+        os.environ["TOKENMILL_VERBOSE"] = "1"
 
 
 class Task(str, Enum):
@@ -72,6 +97,7 @@ def run(
         task_name = task.value if task else None
         require_labels(plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name))  # fail before writing
         runtime.configure()
+        runtime.start_embedded_services()  # one process at a time, as overlapping runs share them
         from flows.pipeline import run_pipeline
         from tasks.policy import hide_user_error_tracebacks
 
@@ -105,7 +131,17 @@ def print_summary(s: dict) -> None:
         say(f"  val_ppl    {s['val_ppl']:.2f}")
         say(f"  val_bpb    {s['val_bpb']:.4f} bits/byte")
     say(f"  promotion  {s['decision']}")
-    say(f"  champion   models:/{s['model_name']}@champion")
+    say(f"  champion   {champion_line(s)}")
+
+
+def champion_line(s: dict) -> str:
+    """Which version serves as champion after this run; never an alias that no version holds."""
+    name, champion = s["model_name"], s.get("champion_version")
+    if champion is None:
+        return f"none: no version of {name} has passed the gate yet"
+    if str(champion) == str(s["model_version"]):
+        return f"models:/{name}@champion (this version)"
+    return f"models:/{name}@champion (v{champion}; this version stays challenger)"
 
 
 @app.command()

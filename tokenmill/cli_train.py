@@ -1,4 +1,4 @@
-"""`tokenmill train`: train a GPT on a shards manifest, with no Prefect or MLflow involved.
+"""`tokenmill train`: train a GPT on a shards manifest, with no Prefect server or MLflow needed.
 
     tokenmill train --shards .tokenmill/shards/<corpus>-<key>/manifest.json --preset tiny --json
     tokenmill train --task classify --shards <labelled shards>/manifest.json --init-from <lm run>/model.pt
@@ -8,12 +8,21 @@
 
 Progress goes to stderr; with --json the last stdout line is one JSON object of the result.
 User errors print one `error:` line and exit with status 2.
+
+With MLFLOW_TRACKING_URI set, the run is tracked: one MLflow run in the pipeline's experiment,
+with the resolved config as params, per-step metrics from rank 0 and system metrics; its id is
+`mlflow_run_id` in the --json object. Without it, nothing is tracked (the embedded SQLite store
+of `tokenmill run` is not used on its own).
+
+    MLFLOW_TRACKING_URI=sqlite:///$PWD/.tokenmill/mlflow.db tokenmill train --shards M --json
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -44,9 +53,12 @@ def train(
     """Train a model on SHARDS: checkpoints and weights in --out, no tracking server needed."""
     from tokenmill.cli import user_errors  # here, so tokenmill.cli may import this module at its top
 
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # only one set on purpose; configure_env fills in a default
     with user_errors():
+        from tokenmill import runtime
         from tokenmill.config import deep_merge, parse_assignments, resolve_config
 
+        runtime.configure_env()
         manifest = read_manifest(shards)
         flags = {"max_steps": max_steps, "checkpoint_every": checkpoint_every, "device": device,
                  "compile": compile or None, "nproc_per_node": nproc_per_node}
@@ -54,9 +66,12 @@ def train(
         overrides["task"] = shards_task(task, manifest, shards)
         cfg = resolve_config(preset, None, overrides)
         out_dir = out or default_out(shards, preset)
-        result = run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256,
-                     nnodes, rdzv_endpoint, rdzv_id)
-        summary = report(result, out_dir)
+        warm, earlier = preflight(shards, manifest, out_dir, resume, init_from, init_tokenizer_sha256)
+        with tracking(tracking_uri, cfg, shards, manifest, out_dir, rank0_here=nnodes == 1) as tracker:
+            result = run(shards, manifest, cfg, out_dir, resume, warm, earlier, nnodes, rdzv_endpoint, rdzv_id, tracker)
+            if result is not None:  # what the pipeline's training stage logs at its end, too
+                tracker.log_metrics({"train_tokens": result.tokens, "train_seconds": result.seconds}, step=result.steps)
+        summary = report(result, out_dir, getattr(tracker, "run_id", None))
         if as_json:
             sys.stdout.write(json.dumps(summary, default=str) + "\n")
 
@@ -99,17 +114,13 @@ def default_out(shards: Path, preset: str) -> Path:
     return state_dir() / "train" / f"{shards.resolve().parent.name}-{preset}"
 
 
-def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256, nnodes, rdzv_endpoint, rdzv_id):
-    from rich.progress import TextColumn
-
+def preflight(shards, manifest, out_dir, resume, init_from, init_tokenizer_sha256):
+    """The user errors found before anything is written or tracked; the warm start and earlier checkpoints."""
     from tasks import checkpoint
-    from tasks.launch import Topology, run_training
-    from tasks.trainer import CHECKPOINTS, pick_device
-    from tokenmill.console import progress, step
+    from tasks.trainer import CHECKPOINTS
 
-    topology = Topology(cfg.train.nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
     warm = checkpoint.warm_start_source(init_from, None, init_tokenizer_sha256) if init_from else None
-    if warm is not None and warm.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:  # before any training output
+    if warm is not None and warm.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
         raise TokenmillError(
             f"cannot warm-start from {init_from}: it was trained with tokenizer {warm.tokenizer_sha256[:12]}, "
             f"the shards {shards} use {manifest['tokenizer']['sha256'][:12]}; train on shards built with its "
@@ -119,6 +130,49 @@ def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256
     if earlier and not resume:
         raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
                              f"continue it with --resume, or choose a new --out")
+    return warm, earlier
+
+
+@contextmanager
+def tracking(uri: str | None, cfg, shards: Path, manifest: dict, out_dir: Path, rank0_here: bool):
+    """The training's Tracker: one MLflow run when MLFLOW_TRACKING_URI was set, else a no-op.
+
+    The run is opened now when rank 0 trains on this node, and ended FINISHED, FAILED or KILLED
+    with the training. On a multi-node run it opens with rank 0's first metrics, so only the
+    node that hosts rank 0 has one.
+    """
+    from tasks.trainer import NullTracker
+
+    if not uri:
+        yield NullTracker()
+        return
+    from tasks.mlflow_runs import TrainingRun
+    from tokenmill.console import step
+
+    tags = {"tokenmill.task": cfg.task, "tokenmill.stages": "train", "tokenmill.shards": str(Path(shards).resolve()),
+            "tokenmill.tokenizer_sha256": manifest["tokenizer"]["sha256"], "tokenmill.out_dir": str(Path(out_dir).resolve())}
+    run = TrainingRun(cfg.registry.experiment, f"{Path(shards).resolve().parent.name}-{cfg.preset}", cfg.model_dump(), tags)
+    if rank0_here:
+        step(f"tracking in MLflow run {run.open()} (experiment {cfg.registry.experiment})")
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.close("KILLED")
+        raise
+    except BaseException:
+        run.close("FAILED")
+        raise
+    run.close("FINISHED")
+
+
+def run(shards, manifest, cfg, out_dir, resume, warm, earlier, nnodes, rdzv_endpoint, rdzv_id, tracker):
+    from rich.progress import TextColumn
+
+    from tasks.launch import Topology, run_training
+    from tasks.trainer import pick_device
+    from tokenmill.console import progress, step
+
+    topology = Topology(cfg.train.nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
     ranks = f" x {cfg.train.nproc_per_node * nnodes} ranks" if topology.distributed else ""
     step(f"training on {pick_device(cfg.train.device)}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, "
          f"{row_words(manifest)}, {cfg.train.max_steps} steps -> {out_dir}")
@@ -127,29 +181,33 @@ def run(shards, manifest, cfg, out_dir, resume, init_from, init_tokenizer_sha256
     with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
         job = bar.add_task("training", total=cfg.train.max_steps, loss="-", tps="-")
         return run_training(
-            shards, cfg, out_dir, on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
+            shards, cfg, out_dir, tracker,
+            on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
             resume=resume, warm=warm, topology=topology,
         )
 
 
-def report(result, out_dir: Path) -> dict:
+def report(result, out_dir: Path, mlflow_run_id: str | None = None) -> dict:
     from tokenmill.console import console
 
     if result is None:
         console.print("this node's ranks are done; rank 0 runs on another node and writes the results there")
-        return {"out_dir": str(out_dir), "rank0_here": False}
+        return {"out_dir": str(out_dir), "rank0_here": False, "mlflow_run_id": None}
     summary = {
         "final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
         "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None, "weights": str(result.weights),
         "weights_sha256": result.weights_sha256, "gpt_config": result.gpt_config,
         "resumed_from": result.resumed_from, "out_dir": str(out_dir), "head": getattr(result, "head", None),
+        "mlflow_run_id": mlflow_run_id,
     }
     console.print(f"[bold green]done[/]  {result.steps} steps, loss {result.final_loss:.4f}, "
                   f"{result.tokens_per_second:,.0f} tokens/s", soft_wrap=True)
     console.print(f"  weights     {result.weights}", soft_wrap=True)
     console.print(f"  checkpoint  {result.checkpoint}", soft_wrap=True)
     console.print(f"  sha256      {result.weights_sha256}", soft_wrap=True)
+    if mlflow_run_id:
+        console.print(f"  mlflow run  {mlflow_run_id}", soft_wrap=True)
     return summary
 
 

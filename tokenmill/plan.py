@@ -23,12 +23,12 @@ def plan_run(corpus: str, preset: str = "default", overrides: list[str] | None =
              catalog: str | None = None, max_steps: int | None = None, task: str | None = None) -> RunPlan:
     """Validate every input and resolve the config: defaults < preset < catalog < overrides.
     The catalog entry decides the task (classify when it has labels); `task` (--task) overrides it."""
-    resolved = resolve_corpus(corpus, Path(catalog) if catalog else None)
     cli = parse_assignments(overrides or [])
     if max_steps is not None:
         cli = deep_merge(cli, {"train": {"max_steps": max_steps}})
     if task is not None:
         cli = deep_merge(cli, {"task": task})
+    resolved = resolve_corpus(corpus, Path(catalog) if catalog else None, cli.get("task"))
     entry = {"data": resolved.entry.data, "tokenizer": resolved.entry.tokenizer, "task": resolved.entry.task}
     cfg = resolve_config(preset, entry, cli)
     svc = services()

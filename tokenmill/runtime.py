@@ -8,6 +8,7 @@ Call `configure()` before prefect or mlflow is imported.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -43,17 +44,25 @@ def services() -> Services:
 
 
 def configure_env() -> Services:
-    """Point Prefect and MLflow at the state dir unless real servers are set. Writes nothing."""
+    """Point Prefect and MLflow at the state dir unless real servers are set, and choose what the
+    terminal shows (framework logs only with --verbose). Writes nothing."""
+    from tokenmill.console import verbose
+
     svc = services()
+    loud = verbose()
     defaults = {
         "PREFECT_HOME": str(svc.state_dir / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        # The CLI draws its own progress; Prefect's INFO lines would bury it.
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The CLI draws its own progress; Prefect's INFO lines would bury it. Flow and task run
+        # logs still reach Prefect's API (the UI's logs) at INFO: only its terminal handler is raised.
+        "PREFECT_LOGGING_LEVEL": "INFO" if loud else "WARNING",
+        "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+        "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
+        **({} if loud else {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}),
         "MLFLOW_TRACKING_URI": svc.mlflow_uri,
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "INFO" if loud else "WARNING",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "GIT_PYTHON_REFRESH": "quiet",
     }
@@ -70,9 +79,84 @@ def configure() -> Services:
     return svc
 
 
+def start_embedded_services() -> None:
+    """Start Prefect's embedded API and create MLflow's SQLite tables, safely beside other runs.
+
+    Overlapping runs on one state dir share both SQLite databases, and whichever process comes
+    first creates and migrates them; two doing it at once collide (a duplicate index, a
+    half-applied migration). So until a start has succeeded on this state dir with these
+    versions (a marker in PREFECT_HOME says so), starts take turns under a lock; after that
+    the schema is current and each run starts its own API at once. Real servers are left alone.
+    """
+    from importlib.metadata import version
+
+    from tokenmill.locks import exclusive
+
+    svc = services()
+    home = Path(os.environ.get("PREFECT_HOME") or svc.state_dir / "prefect")
+    setup = f"{version('prefect')} {version('mlflow')} {svc.mlflow_uri}"
+    ready = home / f".tokenmill-ready-{hashlib.sha256(setup.encode()).hexdigest()[:12]}"
+    if ready.exists():
+        _start_services(svc, home)
+        return
+    with exclusive(home, "starting the embedded Prefect API"):
+        _start_services(svc, home)
+        ready.touch()
+
+
+def _start_prefect_api(log: Path) -> None:
+    """Start the embedded API with its output appended to `log`: a server that stops while it
+    still flushes (the run is over, other runs hold the database) logs tracebacks the
+    terminal has no use for. The flow's client then finds this instance and uses it."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class LoggedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            saved = os.dup(1), os.dup(2)
+            with open(log, "ab") as out:  # the server inherits stdout and stderr as they are now
+                os.dup2(out.fileno(), 1)
+                os.dup2(out.fileno(), 2)
+                try:
+                    return super()._run_uvicorn_command()
+                finally:
+                    for fd, copy in zip((1, 2), saved):
+                        os.dup2(copy, fd)
+                        os.close(copy)
+
+    LoggedServer().start()
+
+
+def _start_services(svc: Services, home: Path) -> None:
+    from tokenmill.errors import TokenmillError
+
+    if svc.prefect_api_url is None:
+        log = home / "server.log"
+        try:
+            _start_prefect_api(log)
+        except Exception as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise TokenmillError(f"the embedded Prefect API did not start ({first[:200]}); see {log}, "
+                                 f"or set PREFECT_API_URL to a running Prefect server") from None
+    if svc.mlflow_uri.startswith("sqlite:"):
+        from mlflow import MlflowClient
+
+        MlflowClient(svc.mlflow_uri).search_experiments(max_results=1)  # creates the tables when new
+
+
 def quiet_framework_noise() -> None:
-    for name in ("alembic", "mlflow", "distributed", "prefect", "sqlalchemy", "urllib3"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Framework logs and warnings off the terminal, or at INFO with `tokenmill --verbose`."""
+    from tokenmill.console import verbose
+
+    loud = verbose()
+    for name in ("alembic", "mlflow", "distributed", "prefect"):
+        logging.getLogger(name).setLevel(logging.INFO if loud else logging.ERROR)
+    for name in ("sqlalchemy", "urllib3"):  # at INFO, SQLAlchemy logs every statement
+        logging.getLogger(name).setLevel(logging.WARNING if loud else logging.ERROR)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # they feed the Prefect UI's logs
+        logging.getLogger(name).setLevel(logging.INFO)
+    if loud:
+        return
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*pydantic.*")

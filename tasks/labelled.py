@@ -28,6 +28,11 @@ from tokenmill.errors import TokenmillError
 
 ENCODE_BATCH_DOCS = 512
 SPLITS = ("train", "val")
+# A classifier's gate compares macro-F1 on the val split, so the split must be large enough to
+# mean something: at least 10% and at least 200 documents, but never more than a quarter of
+# the corpus for the sake of those 200 (a larger data.val_fraction is honoured as set).
+MIN_VAL_FRACTION, MIN_VAL_DOCS, MAX_FLOOR_FRACTION = 0.10, 200, 0.25
+SPLIT_RULE = "val>=max(10%,min(200,25%))"  # enters the labelled shards' cache key
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,14 @@ class Selection:
 
 def select_documents(scans: list[ScanResult], declared: list[str] | None, val_fraction: float) -> Selection:
     """Dedup by text across the corpus, fix the label set (declared, else the sorted labels
-    kept) and split; the decisions are cut back into per-partition arrays."""
+    kept) and split (`val_fraction`, raised by `val_fraction_for`); the decisions are cut back
+    into per-partition arrays."""
     observed, hashes, labels = _flatten(scans)
     repeat, tally = dedup(hashes, labels, observed)
     names = list(declared) if declared else sorted({observed[i] for i in np.unique(labels[~repeat])})
     to_id = np.array([names.index(n) if n in names else -1 for n in observed] + [-1], np.int32)
     ids = np.where(repeat, -1, to_id[labels])
-    val = stratified_val(hashes, ids, len(names), val_fraction)
+    val = stratified_val(hashes, ids, len(names), val_fraction_for(val_fraction, int((ids >= 0).sum())))
     bounds = np.cumsum([0] + [len(s.hashes) for s in scans])
     cut = lambda a: [a[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]  # noqa: E731
     return Selection(names, cut(ids), cut(val), tally)
@@ -122,6 +128,13 @@ def dedup(hashes: np.ndarray, labels: np.ndarray, names: list[str]) -> tuple[np.
         tally.counts["dropped_label_conflict"] = int(conflict.sum())
         tally.first["dropped_label_conflict"] = f"a text labelled '{names[labels[winner[k]]]}' repeated as '{names[labels[k]]}'"
     return repeat, tally
+
+
+def val_fraction_for(requested: float, n_docs: int) -> float:
+    """The val fraction a classifier's split uses: `requested` (data.val_fraction), raised to
+    the floor that keeps the gate meaningful (see MIN_VAL_FRACTION, MIN_VAL_DOCS)."""
+    floor_for_docs = min(MIN_VAL_DOCS / n_docs, MAX_FLOOR_FRACTION) if n_docs else 0.0
+    return max(requested, MIN_VAL_FRACTION, floor_for_docs)
 
 
 def stratified_val(hashes: np.ndarray, ids: np.ndarray, n_classes: int, val_fraction: float) -> np.ndarray:

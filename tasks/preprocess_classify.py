@@ -24,8 +24,8 @@ from tasks import incremental, manifest as mf, tokenizer as tok
 from tasks.atomic import sha256_file, write_json
 from tasks.cluster import dask_client, local_workers, planned_workers
 from tasks.documents import FIXES, DocRules, LabelRules, Tally
-from tasks.labelled import (LabelledEncodeSpec, LabelledSource, ScanResult, Selection, encode_labelled_partition,
-                            scan_partition, select_documents)
+from tasks.labelled import (SPLIT_RULE, LabelledEncodeSpec, LabelledSource, ScanResult, Selection,
+                            encode_labelled_partition, scan_partition, select_documents)
 from tasks.partitions import Partition, plan_partitions
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
 from tokenmill.console import console, step
@@ -44,8 +44,8 @@ def labelled_output(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig
     reused = tok.resolve_reuse(tokenizer.reuse, Path(shards_root)) if tokenizer.reuse else None
     reuse_sha = sha256_file(reused) if reused else None
     settings = tokenizer.model_dump(exclude={"reuse"}) if reuse_sha else tokenizer.model_dump()
-    key = mf.content_key(mf.FORMAT, "classify", corpus.fingerprint, settings, data.model_dump(exclude={"context_len"}),
-                         classify.max_len, reuse_sha)
+    key = mf.content_key(mf.FORMAT, "classify", SPLIT_RULE, corpus.fingerprint, settings,
+                         data.model_dump(exclude={"context_len"}), classify.max_len, reuse_sha)
     return tokenizer, reused, Path(shards_root) / f"{corpus.name}-cls-{key[:16]}"
 
 

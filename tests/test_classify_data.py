@@ -21,7 +21,7 @@ from data_catalog.loader import CorpusEntry, fingerprint, load_catalog, resolve_
 from preprocess_helpers import sentence, small_tokenizer, write
 from tasks import manifest as mf
 from tasks.documents import DocRules, LabelRules, Tally, read_labelled
-from tasks.labelled import ScanResult, select_documents, stratified_val
+from tasks.labelled import ScanResult, select_documents, stratified_val, val_fraction_for
 from tasks.partitions import plan_partitions
 from tasks.preprocess import preprocess_corpus
 from tasks.preprocess_classify import labelled_output, preprocess_labelled
@@ -129,6 +129,14 @@ def test_the_task_is_the_entry_s_unless_overridden(tmp_path):
     assert plan_run("c", catalog=str(cat), task="lm").config.task == "lm"
     assert plan_run("c", catalog=str(cat), overrides=["task=lm"]).config.task == "lm"
     assert plan_run(str(tmp_path / "d.jsonl")).config.task == "lm"
+
+
+def test_a_classifier_val_split_is_at_least_10_percent_and_200_documents_when_the_corpus_allows():
+    assert val_fraction_for(0.02, 10_000) == pytest.approx(0.10)  # 10% = 1000 documents
+    assert val_fraction_for(0.02, 1_000) == pytest.approx(0.20)  # 200 documents
+    assert val_fraction_for(0.02, 400) == pytest.approx(0.25)  # 200 would be half: a quarter at most
+    assert val_fraction_for(0.4, 1_000) == pytest.approx(0.4)  # a larger setting is honoured
+    assert val_fraction_for(0.02, 0) == pytest.approx(0.10)
 
 
 def test_an_ad_hoc_directory_trains_a_classifier_from_its_subdirectories(tmp_path):
@@ -290,7 +298,8 @@ def test_labelled_shards_end_to_end(tmp_path, tokenizer):
     assert m is not None and m["task"] == "classify" and m["row_len"] == 16
     assert manifest_path.parent.name.startswith("pets-cls-")
     assert m["labels"] == ["cat", "dog", "3"]
-    assert m["label_counts"] == {"train": {"cat": 72, "dog": 72, "3": 72}, "val": {"cat": 8, "dog": 8, "3": 8}}
+    # val_fraction 0.1 of 240 documents would be 24; the floor for the gate raises it to a quarter (200 > 240 / 4)
+    assert m["label_counts"] == {"train": {"cat": 60, "dog": 60, "3": 60}, "val": {"cat": 20, "dog": 20, "3": 20}}
     s = m["stats"]
     assert (s["docs_in"], s["docs_out"], s["duplicates"], s["dropped_label_conflict"]) == (244, 240, 1, 1)
     assert s["dropped_missing_label"] == 1 and s["dropped_unknown_label"] == 1

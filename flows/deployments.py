@@ -1,9 +1,10 @@
-"""The three deployments, defined once in code for `tokenmill serve` (process-based, no work
+"""The deployments, defined once in code for `tokenmill serve` (process-based, no work
 pool) and mirrored in deploy/prefect.yaml for work-pool deployments.
 
 - nightly-retrain: a cron schedule, corpus and preset as parameters, warm-started from the champion;
 - retrain-on-corpus-update: triggered by the `tokenmill.corpus.updated` event;
-- promote: run by hand (`model_name=tokenmill-classifier` for the classifier).
+- promote: run by hand (`model_name=tokenmill-classifier` for the classifier);
+- gc: a weekly clean-up of the state dir (`tokenmill gc`), keeping what kept versions need.
 
 A labelled corpus trains a classifier (its catalog entry's task) unless `task` says otherwise;
 the nightly warm start then continues from the classifier's own champion.
@@ -15,10 +16,12 @@ from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 from flows.pipeline import run_pipeline
+from flows.gc import gc
 from flows.promote import promote_model
 from tasks.events import CORPUS_UPDATED
 
 NIGHTLY_CRON = "0 3 * * *"
+GC_CRON = "0 4 * * 0"  # Sundays, after that night's retrain
 
 
 def corpus_update_trigger() -> DeploymentEventTrigger:
@@ -38,6 +41,7 @@ def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON, task:
         run_pipeline.to_deployment(name="retrain-on-corpus-update", parameters=params,
                                    triggers=[corpus_update_trigger()], tags=["tokenmill"]),
         promote_model.to_deployment(name="promote", tags=["tokenmill"]),
+        gc.to_deployment(name="gc", cron=GC_CRON, tags=["tokenmill"]),
     ]
 
 

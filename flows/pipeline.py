@@ -19,6 +19,7 @@ from tasks.registry import register_candidate, start_model_task
 from tasks.summary import publish_summary, run_summary
 from tasks.tracking import end_run, run_tags, start_run
 from tasks.train import start_tokenizer, train_model
+from tokenmill import runtime
 
 
 @flow(name="tokenmill-run", log_prints=False)
@@ -33,6 +34,9 @@ def run_pipeline(
     warm_start: bool = False,
     task: str | None = None,
 ) -> dict:
+    # A worker process (a work pool, `tokenmill serve`) starts here, not in the CLI: without this,
+    # MLflow and the state dir would resolve against the worker's working directory.
+    runtime.configure()
     plan = plan_run_task(corpus, preset, overrides, catalog, max_steps, task)
     cfg = plan.config
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root, cfg.model)

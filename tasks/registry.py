@@ -238,6 +238,27 @@ def _require_version(client, name: str, version: str) -> None:
         raise TokenmillError(f"{name} has no version {version}; see `tokenmill models`") from None
 
 
+def all_versions() -> list[dict]:
+    """Every version of every registered model, with what `tokenmill gc` keeps by: its aliases,
+    run id, `manifest` and `weights_sha256` tags and creation time (seconds)."""
+    client = _client()
+    out, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        for registered in page:
+            aliases: dict[str, list[str]] = {}
+            for alias, version in registered.aliases.items():
+                aliases.setdefault(str(version), []).append(alias)
+            for mv in client.search_model_versions(f"name='{registered.name}'"):
+                out.append({"model": registered.name, "version": int(mv.version), "run_id": mv.run_id or "",
+                            "manifest": mv.tags.get("manifest", ""), "weights_sha256": mv.tags.get("weights_sha256", ""),
+                            "aliases": sorted(aliases.get(str(mv.version), [])),
+                            "created": (mv.creation_timestamp or 0) / 1000})
+        token = page.token
+        if not token:
+            return out
+
+
 def list_versions(name: str) -> tuple[list[str], list[tuple[str, ...]]]:
     """Columns and rows of `tokenmill models`: version, aliases, the two headline metrics of the
     model's gate (val_bpb, val_loss for a language model; macro_f1, accuracy for a classifier),

@@ -22,7 +22,7 @@ from tasks.policy import retry_transient
 from tokenmill.config import RunConfig
 from tokenmill.console import progress, step
 from tokenmill.errors import TokenmillError
-from tokenmill.locks import exclusive
+from tokenmill.locks import exclusive, in_use
 
 
 def start_tokenizer(start: LocalModel | None, cfg: RunConfig, shards_root: Path, start_uri: str = "") -> Path | None:
@@ -89,7 +89,9 @@ def train_model(
             return cached
         out_dir, owned = run_dir(models_root, run_id, task_run.id)
         warm = checkpoint.warm_start_source(init_from, init_gpt_config, init_tokenizer_sha256, init_head) if init_from else None
-        return fresh_training(manifest_path, cfg, models_root, key, out_dir, tracker, resume or owned, warm)
+        # `tokenmill gc` skips the shard dir while this run reads it (run_training locks out_dir itself)
+        with in_use(Path(manifest_path).resolve().parent):
+            return fresh_training(manifest_path, cfg, models_root, key, out_dir, tracker, resume or owned, warm)
 
 
 def fresh_training(manifest_path: Path, cfg: RunConfig, models_root: Path, key: str, out_dir: Path,

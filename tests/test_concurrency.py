@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from tokenmill.errors import TokenmillError
-from tokenmill.locks import exclusive
+from tokenmill.locks import exclusive, in_use, try_exclusive
 
 
 @pytest.fixture
@@ -101,6 +101,19 @@ def test_waiting_too_long_is_one_clear_error(tmp_path):
         holder.join()
     with exclusive(target, "training", timeout=0.2):  # free again once the holder is done
         pass
+
+
+def test_a_reader_never_holds_up_a_builder_but_keeps_gc_out(tmp_path):
+    shards = tmp_path / "shards" / "corpus-0123456789abcdef"
+    with in_use(shards), in_use(shards):  # a run training on the shards, and another one
+        with exclusive(shards, "building it", timeout=0.2):  # a third run checking the build: no wait
+            pass
+        with try_exclusive(shards) as free:
+            assert not free  # gc skips it
+    with exclusive(shards, "building it"), try_exclusive(shards) as free:
+        assert not free  # nor does gc remove what is being built
+    with try_exclusive(shards) as free:
+        assert free
 
 
 def test_racing_creates_of_one_candidate_settle_on_one_version(tmp_path):

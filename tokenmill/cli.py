@@ -4,6 +4,7 @@
     tokenmill run CORPUS --task classify [--init-from models:/tokenmill-lm@champion]
     tokenmill models [--name tokenmill-classifier]
     tokenmill export models:/tokenmill-lm@champion OUT_DIR --format hf
+    tokenmill gc [--dry-run] [--keep-last N] [--json]   # free disk space no kept version needs
     tokenmill --verbose run ...      # also show Prefect, MLflow and Dask logs (TOKENMILL_VERBOSE=1)
 
 User errors print one line on stderr and exit with status 2; they never show a traceback.
@@ -233,7 +234,7 @@ def serve(
     cron: str = typer.Option("0 3 * * *", help="Schedule of nightly-retrain (cron, server time zone)."),
     task: Optional[Task] = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
 ) -> None:
-    """Serve the three deployments from this process against PREFECT_API_URL."""
+    """Serve the deployments (retrains, promote, weekly gc) from this process against PREFECT_API_URL."""
     with user_errors():
         import os
 
@@ -284,6 +285,41 @@ def export(
         path = export_hf(model_uri, out_dir)
         typer.echo(f"wrote {path} ({ARCHITECTURE}; load it with AutoModelForCausalLM.from_pretrained)")
 
+
+
+@app.command()
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed and its size; remove nothing."),
+    keep_last: int = typer.Option(3, "--keep-last", min=0, help="Newest versions of each registered model to keep."),
+    min_age: float = typer.Option(60, "--min-age", min=0, help="Minutes: never remove anything modified more recently."),
+    as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of what was removed."),
+) -> None:
+    """Remove shards, checkpoints, cache records, temp files and training dirs no kept version needs."""
+    with user_errors():
+        runtime.configure_env()
+        from tasks.gc import run_gc
+
+        report = run_gc(runtime.state_dir(), keep_last, dry_run, min_age * 60)
+        print_gc(report)
+        if as_json:
+            sys.stdout.write(json.dumps(report.as_json()) + "\n")
+
+
+def print_gc(report) -> None:
+    from rich.table import Table
+
+    from tokenmill.console import console
+
+    if report.removed:
+        table = Table("bytes", "kind", "path", "why")
+        for item in report.removed:
+            table.add_row(f"{item['bytes']:,}", item["kind"], item["path"], item["reason"])
+        console.print(table)
+    for item in report.in_use:
+        console.print(f"in use, skipped: {item['path']}", soft_wrap=True)
+    verb = "would free" if report.dry_run else "freed"
+    what = f"{len(report.removed)} items" if report.removed else "nothing to remove"
+    console.print(f"{verb} {report.bytes:,} bytes ({what}); kept {len(report.kept['versions'])} versions", soft_wrap=True)
 
 def _register_stage_commands() -> None:
     from tokenmill.cli_data import catalog_app, preprocess

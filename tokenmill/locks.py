@@ -11,12 +11,20 @@ first one's verified result and reuses it.
             return cached
         return build(out_dir)
 
-The locks are `filelock` files under `$TOKENMILL_HOME/locks/`. The operating system drops
-a lock when its process dies, so a killed run never leaves the others waiting.
+A stage that only reads an output another run may have built (training reads its shard
+directory) marks it `in_use`: a shared flock on a readers' lock file of its own, so readers
+never wait for each other nor hold up a run that checks or builds that output, while
+`tokenmill gc` asks `try_exclusive` (the build lock and the readers' lock, without waiting)
+and skips whatever is built or read at that moment.
+
+The locks are files under `$TOKENMILL_HOME/locks/` (`filelock`, and flock for readers). The
+operating system drops a lock when its process dies, so a killed run never leaves the others
+waiting.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -68,3 +76,49 @@ def exclusive(target: str | Path, doing: str, timeout: float | None = None) -> I
         yield
     finally:
         lock.release()
+
+
+def readers_path(target: str | Path) -> Path:
+    """The lock file that readers of `target` share (`in_use`), apart from its build lock, so
+    that a reader never holds up another run that only checks or builds `target`."""
+    return lock_path(f"{target}#readers")
+
+
+@contextmanager
+def try_exclusive(target: str | Path) -> Iterator[bool]:
+    """For removing `target`: hold its build lock and its readers' lock for the block if no
+    process builds or reads it now (yields True); yields False at once, never waiting, when one does."""
+    build = FileLock(_ready(lock_path(target)))
+    try:
+        build.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    fd = os.open(_ready(readers_path(target)), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
+        build.release()
+
+
+@contextmanager
+def in_use(target: str | Path) -> Iterator[None]:
+    """Mark `target` as read by this process for the block: a shared flock on its readers' lock.
+    Readers share it and never wait for builders; only `try_exclusive` (gc) is kept out."""
+    fd = os.open(_ready(readers_path(target)), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
+def _ready(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

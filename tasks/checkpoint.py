@@ -52,6 +52,16 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
+def earlier_checkpoints(out_dir: Path, ckpt_dir: Path, resume: bool) -> list[Path]:
+    """The checkpoints an earlier run left in `ckpt_dir`: fine when resuming, a user error otherwise
+    (checked before anything starts, so two runs never mix their checkpoints in one out dir)."""
+    earlier = list_checkpoints(ckpt_dir)
+    if earlier and not resume:
+        raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
+                             f"continue it with --resume, or choose a new --out")
+    return earlier
+
+
 def save(ckpt_dir: Path, payload: dict, keep: int) -> Path:
     """Write `payload` as the checkpoint of its step, then drop all but the newest `keep`."""
     path = checkpoint_path(ckpt_dir, payload["step"])

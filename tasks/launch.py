@@ -72,10 +72,7 @@ def run_training(
     if topology.nnodes > 1:  # every node runs this with the same out_dir: a shared lock would keep them apart
         return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
     with exclusive(Path(out_dir).resolve(), f"training into {out_dir}"):
-        earlier = checkpoint.list_checkpoints(Path(out_dir) / trainer.CHECKPOINTS)
-        if earlier and not resume:
-            raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
-                                 f"continue it with --resume, or choose a new --out")
+        checkpoint.earlier_checkpoints(out_dir, Path(out_dir) / trainer.CHECKPOINTS, resume)
         return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
 
 

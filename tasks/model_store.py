@@ -147,10 +147,11 @@ def classifier_signature(labels: list[str]):
     )
 
 
-def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: str):
+def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: str, weights_sha256: str = ""):
     """Log the pyfunc, the manifest and the dataset lineage into `run_id`; return the ModelInfo.
 
-    config.json records the weights' sha256, so whoever holds only the model can verify them."""
+    config.json records the weights' sha256 (`weights_sha256` when the caller has it, else hashed
+    here), so whoever holds only the model can verify them."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -158,7 +159,7 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
     manifest_sha = sha256_file(manifest_path)
     manifest = json.loads(Path(manifest_path).read_text())
     config = {"gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256,
-              "manifest_sha256": manifest_sha, "weights_sha256": file_weights_sha256(model.weights),
+              "manifest_sha256": manifest_sha, "weights_sha256": weights_sha256 or file_weights_sha256(model.weights),
               "normalize": training_normalization(manifest)}
     if model.head is not None:
         config["head"] = logged_head(model.head, manifest)

@@ -137,7 +137,7 @@ def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path,
         mv = existing_version(client, model_name, cid)
         if mv is None:
             step(f"registering {model_name}")
-            logged = log_model(run_id, evaluation.model, manifest_path, corpus_name)
+            logged = log_model(run_id, evaluation.model, manifest_path, corpus_name, evaluation.weights_sha256)
             mv = create_version_once(client, model_name, logged, run_id, cid)
         else:
             step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")

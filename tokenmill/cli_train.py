@@ -126,11 +126,7 @@ def preflight(shards, manifest, out_dir, resume, init_from, init_tokenizer_sha25
             f"the shards {shards} use {manifest['tokenizer']['sha256'][:12]}; train on shards built with its "
             f"tokenizer (tokenizer.reuse=<its tokenizer.model>) or from scratch"
         )
-    earlier = checkpoint.list_checkpoints(Path(out_dir) / CHECKPOINTS)
-    if earlier and not resume:
-        raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
-                             f"continue it with --resume, or choose a new --out")
-    return warm, earlier
+    return warm, checkpoint.earlier_checkpoints(out_dir, Path(out_dir) / CHECKPOINTS, resume)
 
 
 @contextmanager

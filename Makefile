@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine with Python >= 3.11 and make:
 #   make run    set up .venv and run the pipeline on the default corpus
-#   make test   set up .venv with dev extras and run the test suite
+#   make test   set up .venv with dev extras, check the code with ruff and run the whole test suite
+#   make test-fast   the unit tests only (not the end-to-end ones marked e2e): under a minute
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
@@ -19,13 +20,21 @@ CONSTRAINTS := constraints.txt
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 PIP_FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: run test install install-dev lock clean
+.PHONY: run test test-fast lint install install-dev lock clean
 
 run: $(VENV)/.installed
 	$(BIN)/tokenmill run $(ARGS)
 
-test: $(VENV)/.installed-dev
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+# Lint and format check (settings in pyproject.toml); `ruff format .` and `ruff check --fix .` mend most.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev

@@ -37,10 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_catalog.loader import resolve_corpus  # noqa: E402
-from tasks import checkpoint, trainer  # noqa: E402
-from tasks.classify_eval import evaluate_classifier  # noqa: E402
-from tasks.model_store import from_manifest  # noqa: E402
-from tasks.preprocess import preprocess_corpus  # noqa: E402
+from tasks.modeling import checkpoint  # noqa: E402
+from tasks.train import trainer
+from tasks.evaluate.stage import evaluate  # noqa: E402
+from tasks.modeling.local_model import from_manifest  # noqa: E402
+from tasks.preprocess.stage import preprocess_corpus  # noqa: E402
 from tokenmill.config import EvalConfig, deep_merge, resolve_config  # noqa: E402
 
 CURVE = "val_accuracy_periodic"
@@ -80,7 +81,7 @@ def train_classifier(manifest: Path, cfg, out: Path, warm, n_val: int) -> dict:
     result = trainer.train(manifest, cfg, out, curve, warm=warm)
     seconds = time.perf_counter() - started
     local = dataclasses.replace(from_manifest(result.weights, result.gpt_config, manifest), head=result.head)
-    final = evaluate_classifier(manifest, local, EvalConfig(max_rows=n_val, batch_size=cfg.train.batch_size))
+    final = evaluate(manifest, local, EvalConfig(max_rows=n_val, batch_size=cfg.train.batch_size))
     curve.points[result.steps] = final.metrics["accuracy"]
     return {"curve": curve.points, "accuracy": final.metrics["accuracy"], "macro_f1": final.metrics["macro_f1"],
             "val_loss": final.metrics["val_loss"], "seconds": round(seconds, 1)}

@@ -2,7 +2,7 @@
 
 Issue 4, "Performance", CPU bullets. Three measurements, in one process, interleaved:
 
-- full:   `tasks.trainer.train` end to end, timed from call to return: shards opened and
+- full:   `tasks.train.trainer.train` end to end, timed from call to return: shards opened and
           memory-mapped, rows gathered by the sampler, metrics logged through a tracker
           that writes JSON lines (as the torchrun launcher's does), a progress callback
           every step, checkpoints as configured and at the end, and the final weights;
@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, GPTConfig  # noqa: E402
-from tasks import trainer  # noqa: E402
-from tasks.atomic import sha256_file  # noqa: E402
-from tasks.launch import EventWriter  # noqa: E402
-from tasks.shards import ShardSet, write_shard  # noqa: E402
+from tasks.train import trainer  # noqa: E402
+from tasks.core.atomic import sha256_file  # noqa: E402
+from tasks.train.launch import EventWriter  # noqa: E402
+from tasks.core.shards import ShardSet, write_shard  # noqa: E402
 from tokenmill.config import resolve_config  # noqa: E402
 
 

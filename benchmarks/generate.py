@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPT, GPTConfig, config_from_preset  # noqa: E402
+from benchmarks.shapes import gpt_config  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
-    "small": {"config": config_from_preset("small", vocab_size=32000), "prompt": 512, "new": 128, "repeats": 3},
+    "small": {"config": gpt_config(GPTConfig, "small", vocab_size=32000, block_size=1024), "prompt": 512, "new": 128, "repeats": 3},
     "default": {"config": GPTConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
                 "prompt": 16, "new": 64, "repeats": 20},
 }

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import GPTClassifier, config_from_preset  # noqa: E402
+from benchmarks.shapes import gpt_config  # noqa: E402
+from model import GPTClassifier, GPTConfig  # noqa: E402
 
 BATCH, MAX_LEN, CLASSES, STEPS, WARM = 32, 512, 7, 60, 10
 
@@ -38,7 +39,7 @@ def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
-    net = GPTClassifier(config_from_preset("small", vocab_size=50304, block_size=MAX_LEN), CLASSES, "mean").to(device)
+    net = GPTClassifier(gpt_config(GPTConfig, "small", vocab_size=50304, block_size=MAX_LEN), CLASSES, "mean").to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=True)
     compiled = torch.compile(net)
     losses, start = [], time.perf_counter()

@@ -1,7 +1,7 @@
 """GPU training benchmark: GPT-2-small throughput, MFU and memory per micro-batch.
 
 Issue 4, "Performance", GPU bullet. This script imports only `model/` and the shard
-reader (`tasks/shards.py`), so it runs on a bare GPU machine with torch, numpy and
+reader (`tasks/core/shards.py`), so it runs on a bare GPU machine with torch, numpy and
 pyarrow and nothing else of tokenmill's stack. It writes random-token shards to a temp
 directory, opens them through `ShardSet` like the trainer does, and feeds every step
 through a pinned host buffer and a non-blocking copy, so the loader is inside the
@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import config_from_preset  # noqa: E402
-from tasks.shards import ShardSet, write_shard  # noqa: E402
+from benchmarks.shapes import gpt_config  # noqa: E402
+from model import GPTConfig  # noqa: E402
+from tasks.core.shards import ShardSet, write_shard  # noqa: E402
 
 GPT2_VOCAB = 50257  # tokens are drawn from GPT-2's real vocabulary...
 PADDED_VOCAB = 50304  # ...while the embedding is padded to a multiple of 128
@@ -160,7 +161,7 @@ def model_module(path: Path | None):
 def build(args, device: torch.device, compile_mode: str | None):
     """Model, optimizer and the callable one training step runs."""
     gpt = model_module(args.model_file)
-    cfg = gpt.config_from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq)
+    cfg = gpt_config(gpt.GPTConfig, args.preset, vocab_size=args.vocab, block_size=args.seq)
     torch.manual_seed(0)
     with torch.device(device):
         model = gpt.GPT(cfg)
@@ -444,7 +445,7 @@ def sweep(args, shards, device, peak, report: dict, t_start: float) -> None:
             oom_at = batch if oom_at is None else min(oom_at, batch)
     if device.type == "cuda":
         best = max(report["configs"], key=lambda c: c.get("tokens_per_s", 0))
-        cfg = config_from_preset(args.preset, vocab_size=args.vocab, block_size=args.seq)
+        cfg = gpt_config(GPTConfig, args.preset, vocab_size=args.vocab, block_size=args.seq)
         report["sdpa_ms_fwd_bwd"] = sdpa_backends(device, best["batch"], args.seq, cfg.n_head,
                                                   cfg.n_embd // cfg.n_head)
     report["elapsed_s"] = time.perf_counter() - t_start

@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENMILL_PROGRESS", "0")
 
 from data_catalog.loader import resolve_corpus  # noqa: E402
-from tasks import tokenizer as tok  # noqa: E402
-from tasks.documents import DocRules, Tally, read_documents  # noqa: E402
+from tasks.preprocess import tokenizer as tok  # noqa: E402
+from tasks.preprocess.documents import DocRules, Tally, read_documents  # noqa: E402
+from tasks.core.tokenizer import load_tokenizer  # noqa: E402
 from tokenmill.config import DataConfig, TokenizerConfig  # noqa: E402
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "ven", "dor", "al", "is", "or", "eth", "um", "pra", "gle", "ton"]
@@ -143,7 +144,7 @@ def documents(corpus, limit_bytes: int | None = None) -> list[str]:
 
 def raw_rate(model_path: Path, docs: list[str]) -> dict:
     """Single-process encode of in-memory documents: MB/s and tokens/s."""
-    sp = tok.load(model_path.read_bytes())
+    sp = load_tokenizer(model_path.read_bytes())
     nbytes = sum(len(d.encode()) for d in docs)
     started, tokens = time.perf_counter(), 0
     for i in range(0, len(docs), 256):
@@ -179,7 +180,7 @@ _SP = None
 
 def _pool_init(model_path: str) -> None:
     global _SP
-    _SP = tok.load(Path(model_path).read_bytes())
+    _SP = load_tokenizer(Path(model_path).read_bytes())
 
 
 def _pool_encode(line_or_path: str) -> tuple[np.ndarray, int]:
@@ -217,7 +218,7 @@ def pool_peer(corpus, model_path: Path, workers: int, out: Path) -> dict:
 
 def ours(corpus_ref: str, model_path: Path, workers: int, shards: Path, data: DataConfig,
          dask_address: str | None = None) -> dict:
-    from tasks import preprocess  # imports Prefect: kept out of the Pool workers' start-up
+    from tasks.preprocess import stage as preprocess  # imports Prefect: kept out of the Pool workers' start-up
 
     corpus = resolve_corpus(corpus_ref)
     started = time.perf_counter()
@@ -248,18 +249,18 @@ def standing_cluster(workers: int):
     """The LocalCluster `preprocess_corpus` would start, started before the timed runs with
     every worker up and its imports done: what a run on an already running scheduler
     (`--dask-address`) sees. Yields its address."""
-    from tasks.cluster import dask_client
+    from tasks.preprocess.cluster import dask_client
 
     with dask_client(None, workers) as client:
         client.wait_for_workers(workers)
-        client.run(importlib.import_module, "tasks.encode")
+        client.run(importlib.import_module, "tasks.preprocess.encode")
         yield client.scheduler.address
 
 
 def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig,
             reps: int) -> dict:
     """Both references and ours on one corpus; pool and ours alternate `reps` times and the best of each counts."""
-    from tasks import preprocess  # noqa: F401  imported here, so its import is not counted in ours' CPU time
+    from tasks.preprocess import stage as preprocess  # noqa: F401  imported here, so its import is not counted in ours' CPU time
 
     corpus = resolve_corpus(corpus_ref)
     mb = corpus.total_bytes / 1e6

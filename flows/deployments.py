@@ -18,7 +18,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from flows.pipeline import run_pipeline
 from flows.gc import gc
 from flows.promote import promote_model
-from tasks.events import CORPUS_UPDATED
+from tasks.run.events import CORPUS_UPDATED
 
 NIGHTLY_CRON = "0 3 * * *"
 GC_CRON = "0 4 * * 0"  # Sundays, after that night's retrain

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.gc import MIN_AGE_S, collect_garbage
+from tasks.gc import collect_garbage
+from tasks.gc.collect import MIN_AGE_S
+from tasks.registry import registered_versions_task
 from tokenmill import runtime
 
 
 @flow(name="tokenmill-gc", log_prints=False)
 def gc(keep_last: int = 3, dry_run: bool = False, min_age_s: float = MIN_AGE_S) -> dict:
     runtime.configure()  # in a worker process too: the state dir and MLflow URI from TOKENMILL_HOME
-    return collect_garbage(keep_last, dry_run, min_age_s)
+    versions = registered_versions_task()
+    return collect_garbage(versions, keep_last, dry_run, min_age_s)

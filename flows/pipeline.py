@@ -13,11 +13,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.evaluate import evaluate_model
-from tasks.plan import plan_run_task
 from tasks.preprocess import preprocess_corpus
 from tasks.registry import register_candidate, start_model_task
-from tasks.summary import publish_summary, run_summary
-from tasks.tracking import end_run, run_tags, start_run
+from tasks.run import end_run, plan_run_task, publish_summary, run_summary, run_tags, start_run
 from tasks.train import start_tokenizer, train_model
 from tokenmill import runtime
 
@@ -42,8 +40,7 @@ def run_pipeline(
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root, cfg.model)
     tokenizer = start_tokenizer(start, cfg, plan.shards_root, start_uri)  # a warm start keeps its model's tokenizer
     manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
-                                 refresh=refresh, reuse_tokenizer=tokenizer,
-                                 classify=cfg.classify if cfg.task == "classify" else None)
+                                 refresh=refresh, reuse_tokenizer=tokenizer, classify=cfg.classify, task=cfg.task)
     tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri, cfg.task)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:

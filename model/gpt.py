@@ -8,13 +8,13 @@ position embeddings instead of a learned position table, and no biases.
 This module only builds the network. Compilation, DDP and FSDP are applied
 from outside, so the code here never changes when the hardware does.
 
-    model = GPT(config_from_preset("tiny", vocab_size=4096))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=4096))
     logits, loss = model(idx, targets)
     out = model.eval().generate(idx, max_new_tokens=64, temperature=0.8, top_k=50)
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -54,25 +54,6 @@ class GPTConfig:
             raise ValueError(f"rope_base must be positive, got {self.rope_base!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
-
-
-# Named shapes. Anything not listed falls back to the GPTConfig defaults.
-PRESETS: dict[str, dict] = {
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 128},
-    "small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
-    "medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024, "block_size": 1024},  # GPT-2 350M
-}
-
-
-def config_from_preset(name: str, **overrides) -> GPTConfig:
-    """Build a GPTConfig from a named preset; overrides win over the preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
-    return GPTConfig(**{**PRESETS[name], **overrides})
 
 
 class RMSNorm(nn.Module):

@@ -64,12 +64,13 @@ def python_like_module(r: random.Random, i: int) -> str:
 
 def small_tokenizer(root: Path):
     """A byte-fallback BPE model of 384 pieces trained on a few KB of generated text, saved to disk."""
-    from tasks import tokenizer as tok
-    from tasks.atomic import sha256_file
-    from tasks.documents import DocRules
+    from tasks.preprocess import tokenizer as tok
+    from tasks.core.atomic import sha256_file
+    from tasks.preprocess.documents import DocRules
+    from tasks.core.tokenizer import load_tokenizer
 
     paths = [str(write(root / f"src{i}.txt", varied_text(i, 60))) for i in range(4)]
     sentences = list(tok.sample_sentences(paths, DocRules(), sample_bytes=50_000, seed=1))
     model = tok.train_sentencepiece(sentences, vocab_size=384, num_threads=1)
     path = write(root / "tokenizer.model", model)
-    return path, sha256_file(path), tok.load(model)
+    return path, sha256_file(path), load_tokenizer(model)

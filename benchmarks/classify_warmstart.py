@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_catalog.loader import resolve_corpus  # noqa: E402
-from tasks.modeling import checkpoint  # noqa: E402
-from tasks.train import trainer
 from tasks.evaluate.stage import evaluate  # noqa: E402
+from tasks.modeling import checkpoint  # noqa: E402
 from tasks.modeling.local_model import from_manifest  # noqa: E402
 from tasks.preprocess.stage import preprocess_corpus  # noqa: E402
+from tasks.train import trainer
 from tokenmill.config import EvalConfig, deep_merge, resolve_config  # noqa: E402
 
 CURVE = "val_accuracy_periodic"
@@ -69,8 +69,12 @@ def configs(corpus, preset: str, args, n_val: int):
     lm = resolve_config(preset, {**entry, "task": "lm"}, deep_merge(common, {"train": {"max_steps": args.lm_steps}}))
     # Every K steps the whole val split, and a final point at the last step (the loop itself skips it).
     eval_batches = math.ceil(n_val / lm.train.batch_size)
-    clf_train = {"max_steps": args.steps, "eval_interval": args.every, "eval_batches": eval_batches,
-                 "checkpoint_every": 0}
+    clf_train = {
+        "max_steps": args.steps,
+        "eval_interval": args.every,
+        "eval_batches": eval_batches,
+        "checkpoint_every": 0,
+    }
     clf = resolve_config(preset, {**entry, "task": "classify"}, deep_merge(common, {"train": clf_train}))
     return lm, clf
 
@@ -83,16 +87,24 @@ def train_classifier(manifest: Path, cfg, out: Path, warm, n_val: int) -> dict:
     local = dataclasses.replace(from_manifest(result.weights, result.gpt_config, manifest), head=result.head)
     final = evaluate(manifest, local, EvalConfig(max_rows=n_val, batch_size=cfg.train.batch_size))
     curve.points[result.steps] = final.metrics["accuracy"]
-    return {"curve": curve.points, "accuracy": final.metrics["accuracy"], "macro_f1": final.metrics["macro_f1"],
-            "val_loss": final.metrics["val_loss"], "seconds": round(seconds, 1)}
+    return {
+        "curve": curve.points,
+        "accuracy": final.metrics["accuracy"],
+        "macro_f1": final.metrics["macro_f1"],
+        "val_loss": final.metrics["val_loss"],
+        "seconds": round(seconds, 1),
+    }
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     corpus = resolve_corpus(args.corpus, Path(args.catalog) if args.catalog else None)
     shards_root = Path(args.work) / "shards"
-    probe = resolve_config(args.preset, {"data": corpus.entry.data, "tokenizer": corpus.entry.tokenizer,
-                                         "task": "classify"}, {"classify": {"max_len": args.max_len}})
+    probe = resolve_config(
+        args.preset,
+        {"data": corpus.entry.data, "tokenizer": corpus.entry.tokenizer, "task": "classify"},
+        {"classify": {"max_len": args.max_len}},
+    )
     started = time.perf_counter()
     labelled = preprocess_corpus.fn(corpus, probe.tokenizer, probe.data, shards_root, classify=probe.classify)
     manifest = json.loads(labelled.read_text())
@@ -109,36 +121,54 @@ def run(args) -> dict:
 
     scratch = train_classifier(labelled, clf_cfg, Path(args.work) / "scratch", None, n_val)
     warmed = train_classifier(labelled, clf_cfg, Path(args.work) / "warm", warm, n_val)
-    targets = {str(t): {"scratch": steps_to_reach(scratch["curve"], t), "warm": steps_to_reach(warmed["curve"], t)}
-               for t in args.targets}
+    targets = {
+        str(t): {"scratch": steps_to_reach(scratch["curve"], t), "warm": steps_to_reach(warmed["curve"], t)}
+        for t in args.targets
+    }
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "corpus": corpus.name, "labels": manifest["labels"], "label_counts": manifest["label_counts"],
-        "tokenizer_sha256": manifest["tokenizer"]["sha256"], "vocab_size": manifest["tokenizer"]["vocab_size"],
-        "model": clf_cfg.model.model_dump(), "max_len": args.max_len, "batch_size": clf_cfg.train.batch_size,
-        "lr": clf_cfg.train.lr, "seed": clf_cfg.train.seed,
+        "corpus": corpus.name,
+        "labels": manifest["labels"],
+        "label_counts": manifest["label_counts"],
+        "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "vocab_size": manifest["tokenizer"]["vocab_size"],
+        "model": clf_cfg.model.model_dump(),
+        "max_len": args.max_len,
+        "batch_size": clf_cfg.train.batch_size,
+        "lr": clf_cfg.train.lr,
+        "seed": clf_cfg.train.seed,
         "lm": {"steps": lm.steps, "final_loss": lm.final_loss, "tokens": lm.tokens, "seconds": round(lm_seconds, 1)},
         "preprocess_seconds": round(prep_seconds, 1),
         "majority_class_accuracy": max(manifest["label_counts"]["val"].values()) / n_val,
-        "scratch": scratch, "warm": warmed, "steps_to_reach": targets,
+        "scratch": scratch,
+        "warm": warmed,
+        "steps_to_reach": targets,
     }
 
 
 def print_report(r: dict) -> None:
-    print(f"{r['corpus']}: {len(r['labels'])} classes, {sum(r['label_counts']['train'].values())} train / "
-          f"{sum(r['label_counts']['val'].values())} val documents; LM {r['lm']['steps']} steps "
-          f"(loss {r['lm']['final_loss']:.3f}, {r['lm']['seconds']} s); majority class {r['majority_class_accuracy']:.3f}")
+    print(
+        f"{r['corpus']}: {len(r['labels'])} classes, {sum(r['label_counts']['train'].values())} train / "
+        f"{sum(r['label_counts']['val'].values())} val documents; LM {r['lm']['steps']} steps "
+        f"(loss {r['lm']['final_loss']:.3f}, {r['lm']['seconds']} s); majority class {r['majority_class_accuracy']:.3f}"
+    )
     print(f"{'step':>6} {'scratch':>8} {'warm':>8}")
     for step in sorted(set(r["scratch"]["curve"]) | set(r["warm"]["curve"])):
         a, b = r["scratch"]["curve"].get(step), r["warm"]["curve"].get(step)
         print(f"{step:>6} {a if a is None else f'{a:.3f}':>8} {b if b is None else f'{b:.3f}':>8}")
     for target, steps in r["steps_to_reach"].items():
-        print(f"val accuracy >= {target}: scratch {steps['scratch'] or 'not reached'}, warm {steps['warm'] or 'not reached'} steps")
+        print(
+            f"val accuracy >= {target}: scratch {steps['scratch'] or 'not reached'}, "
+            f"warm {steps['warm'] or 'not reached'} steps"
+        )
     for name in ("scratch", "warm"):
         x = r[name]
-        print(f"{name:>7}: accuracy {x['accuracy']:.4f}, macro_f1 {x['macro_f1']:.4f}, val_loss {x['val_loss']:.4f}, {x['seconds']} s")
+        print(
+            f"{name:>7}: accuracy {x['accuracy']:.4f}, macro_f1 {x['macro_f1']:.4f}, "
+            f"val_loss {x['val_loss']:.4f}, {x['seconds']} s"
+        )
 
 
 def main() -> None:

@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, GPTConfig  # noqa: E402
-from tasks.train import trainer  # noqa: E402
 from tasks.core.atomic import sha256_file  # noqa: E402
-from tasks.train.launch import EventWriter  # noqa: E402
 from tasks.core.shards import ShardSet, write_shard  # noqa: E402
+from tasks.train import trainer  # noqa: E402
+from tasks.train.launch import EventWriter  # noqa: E402
 from tokenmill.config import resolve_config  # noqa: E402
 
 
@@ -53,10 +53,22 @@ def synthetic_shards(root: Path, rows: int, row_len: int, vocab: int, n_shards: 
             data = (rng.zipf(1.2, size=(len(part), row_len)) % vocab).astype(np.uint16)
             name = f"{split}-{i:05d}.arrow"
             write_shard(root / name, data, {})
-            shards.append({"path": name, "split": split, "rows": len(part), "tokens": int(data.size), "sha256": sha256_file(root / name)})
+            shards.append(
+                {
+                    "path": name,
+                    "split": split,
+                    "rows": len(part),
+                    "tokens": int(data.size),
+                    "sha256": sha256_file(root / name),
+                }
+            )
     (root / "tokenizer.model").write_bytes(b"synthetic")
-    manifest = {"format": "tokenmill.shards/v1", "row_len": row_len, "shards": shards,
-                "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": vocab}}
+    manifest = {
+        "format": "tokenmill.shards/v1",
+        "row_len": row_len,
+        "shards": shards,
+        "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": vocab},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root / "manifest.json"
 
@@ -115,8 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
         work = Path(tmp)
         base = resolve_config(args.preset)
-        manifest = args.shards or synthetic_shards(work, rows=20_000, row_len=base.data.context_len + 1,
-                                                   vocab=base.tokenizer.vocab_size)
+        manifest = args.shards or synthetic_shards(
+            work, rows=20_000, row_len=base.data.context_len + 1, vocab=base.tokenizer.vocab_size
+        )
         meta = json.loads(Path(manifest).read_text())
         train = {"max_steps": args.steps, "device": "cpu"}
         if not args.eval:
@@ -124,33 +137,47 @@ def main() -> None:
         if args.checkpoint_every is not None:
             train["checkpoint_every"] = args.checkpoint_every
         cfg = resolve_config(args.preset, None, {"train": train})
-        gpt_config = GPTConfig(vocab_size=meta["tokenizer"]["vocab_size"], block_size=meta["row_len"] - 1,
-                               n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, n_embd=cfg.model.n_embd)
+        gpt_config = GPTConfig(
+            vocab_size=meta["tokenizer"]["vocab_size"],
+            block_size=meta["row_len"] - 1,
+            n_layer=cfg.model.n_layer,
+            n_head=cfg.model.n_head,
+            n_embd=cfg.model.n_embd,
+        )
 
         run_bare(gpt_config, cfg, 5)  # warm the allocator and kernels before anything is timed
         full, bare = [], []
         for r in range(args.repeats):  # alternate the order so drift hits both sides alike
-            for side in (("full", "bare") if r % 2 == 0 else ("bare", "full")):
+            for side in ("full", "bare") if r % 2 == 0 else ("bare", "full"):
                 if side == "full":
                     full.append(run_full(Path(manifest), cfg, work, r))
                 else:
                     bare.append(run_bare(gpt_config, cfg, args.steps))
-                print(f"  repeat {r} {side:<4} {(full if side == 'full' else bare)[-1]:>10,.0f} tokens/s", file=sys.stderr)
+                print(
+                    f"  repeat {r} {side:<4} {(full if side == 'full' else bare)[-1]:>10,.0f} tokens/s", file=sys.stderr
+                )
         loader = run_loader(Path(manifest), cfg.train.batch_size)
 
     figures = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {torch.get_num_threads()} torch threads",
         "torch": torch.__version__,
-        "preset": args.preset, "steps": args.steps, "repeats": args.repeats,
-        "model": f"{gpt_config.n_layer}x{gpt_config.n_embd}, vocab {gpt_config.vocab_size}, context {gpt_config.block_size}",
-        "batch": cfg.train.batch_size, "checkpoint_every": cfg.train.checkpoint_every,
+        "preset": args.preset,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "model": f"{gpt_config.n_layer}x{gpt_config.n_embd}, vocab {gpt_config.vocab_size}, "
+        f"context {gpt_config.block_size}",
+        "batch": cfg.train.batch_size,
+        "checkpoint_every": cfg.train.checkpoint_every,
         "shards": str(args.shards) if args.shards else "synthetic, 20000 rows in 4 train shards",
         "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
-        "full_tokens_per_s": statistics.median(full), "bare_tokens_per_s": statistics.median(bare),
+        "full_tokens_per_s": statistics.median(full),
+        "bare_tokens_per_s": statistics.median(bare),
         # Each pair ran back to back, so its ratio is the least disturbed by other work on the machine.
         "full_over_bare": statistics.median(f / b for f, b in zip(full, bare)),
         "full_over_bare_per_repeat": [round(f / b, 4) for f, b in zip(full, bare)],
-        "loader_tokens_per_s": loader, "loader_over_full": loader / statistics.median(full),
+        "loader_tokens_per_s": loader,
+        "loader_over_full": loader / statistics.median(full),
     }
     for key in ("full_tokens_per_s", "bare_tokens_per_s", "full_over_bare", "loader_tokens_per_s", "loader_over_full"):
         print(f"{key:<20} {figures[key]:,.3f}")

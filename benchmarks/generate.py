@@ -36,9 +36,18 @@ from benchmarks.shapes import gpt_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
-    "small": {"config": gpt_config(GPTConfig, "small", vocab_size=32000, block_size=1024), "prompt": 512, "new": 128, "repeats": 3},
-    "default": {"config": GPTConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
-                "prompt": 16, "new": 64, "repeats": 20},
+    "small": {
+        "config": gpt_config(GPTConfig, "small", vocab_size=32000, block_size=1024),
+        "prompt": 512,
+        "new": 128,
+        "repeats": 3,
+    },
+    "default": {
+        "config": GPTConfig(vocab_size=4096, block_size=128, n_layer=4, n_head=4, n_embd=128),
+        "prompt": 16,
+        "new": 64,
+        "repeats": 20,
+    },
 }
 TEMPERATURE, TOP_K, SEED = 0.8, 50, 1337
 
@@ -61,7 +70,7 @@ def bench_shape(name: str, repeats: int) -> dict:
     cached, uncached, same = [], [], True
     for r in range(repeats):
         outs = {}
-        for use_cache in ((True, False) if r % 2 == 0 else (False, True)):
+        for use_cache in (True, False) if r % 2 == 0 else (False, True):
             seconds, outs[use_cache] = timed_generate(model, prompt, shape["new"], use_cache)
             (cached if use_cache else uncached).append(seconds)
             print(f"  {name} repeat {r} {'cached' if use_cache else 'uncached':<8} {seconds:9.3f} s", file=sys.stderr)
@@ -69,9 +78,13 @@ def bench_shape(name: str, repeats: int) -> dict:
     ratios = [u / c for c, u in zip(cached, uncached)]
     return {
         "model": f"{cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads, context {cfg.block_size}, vocab {cfg.vocab_size}",
-        "prompt_tokens": shape["prompt"], "new_tokens": shape["new"], "repeats": repeats,
-        "cached_s": statistics.median(cached), "uncached_s": statistics.median(uncached),
-        "speedup": statistics.median(ratios), "speedup_per_repeat": [round(x, 3) for x in ratios],
+        "prompt_tokens": shape["prompt"],
+        "new_tokens": shape["new"],
+        "repeats": repeats,
+        "cached_s": statistics.median(cached),
+        "uncached_s": statistics.median(uncached),
+        "speedup": statistics.median(ratios),
+        "speedup_per_repeat": [round(x, 3) for x in ratios],
         "same_tokens": same,
     }
 
@@ -88,14 +101,19 @@ def main() -> None:
     results = {name: bench_shape(name, args.repeats or SHAPES[name]["repeats"]) for name in args.shapes}
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "sampling": f"temperature {TEMPERATURE}, top_k {TOP_K}, seed {SEED}",
+        "torch": torch.__version__,
+        "sampling": f"temperature {TEMPERATURE}, top_k {TOP_K}, seed {SEED}",
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],  # 1 minute
         "shapes": results,
     }
-    print(f"{'shape':<8} {'model':<44} {'prompt+new':>10} {'cached s':>9} {'uncached s':>10} {'speedup':>8}  same tokens")
+    print(
+        f"{'shape':<8} {'model':<44} {'prompt+new':>10} {'cached s':>9} {'uncached s':>10} {'speedup':>8}  same tokens"
+    )
     for name, r in results.items():
-        print(f"{name:<8} {r['model']:<44} {r['prompt_tokens']:>5}+{r['new_tokens']:<4} {r['cached_s']:>9.3f} "
-              f"{r['uncached_s']:>10.3f} {r['speedup']:>7.2f}x  {r['same_tokens']}")
+        print(
+            f"{name:<8} {r['model']:<44} {r['prompt_tokens']:>5}+{r['new_tokens']:<4} {r['cached_s']:>9.3f} "
+            f"{r['uncached_s']:>10.3f} {r['speedup']:>7.2f}x  {r['same_tokens']}"
+        )
         print(f"{'':<8} per repeat: {', '.join(f'{x:.2f}' for x in r['speedup_per_repeat'])}")
     print(f"load average before/after: {figures['load_average_before_after']}")
     if args.json:

@@ -39,7 +39,9 @@ def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
-    net = GPTClassifier(gpt_config(GPTConfig, "small", vocab_size=50304, block_size=MAX_LEN), CLASSES, "mean").to(device)
+    net = GPTClassifier(gpt_config(GPTConfig, "small", vocab_size=50304, block_size=MAX_LEN), CLASSES, "mean").to(
+        device
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-4, fused=True)
     compiled = torch.compile(net)
     losses, start = [], time.perf_counter()
@@ -66,10 +68,14 @@ def main() -> None:
         drift = (net(noisy, lengths)[0].float() - logits.float()).abs().max().item()
     tokens_per_s = (STEPS - WARM) * BATCH * MAX_LEN / seconds
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"first {WARM} steps (compilation included) {warm_end - start:.1f} s; "
-          f"then {tokens_per_s:,.0f} tokens/s (padded)")
-    print(f"loss first {losses[0]:.3f} last {losses[-1]:.4f}; accuracy on a fresh batch {accuracy:.3f}; "
-          f"padding invariance: max logit change {drift:.2e}")
+    print(
+        f"first {WARM} steps (compilation included) {warm_end - start:.1f} s; "
+        f"then {tokens_per_s:,.0f} tokens/s (padded)"
+    )
+    print(
+        f"loss first {losses[0]:.3f} last {losses[-1]:.4f}; accuracy on a fresh batch {accuracy:.3f}; "
+        f"padding invariance: max logit change {drift:.2e}"
+    )
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 

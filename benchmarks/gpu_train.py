@@ -96,8 +96,7 @@ class Feeder:
         self.shards, self.batch, self.device = shards, batch, device
         self.rng = np.random.default_rng(seed)
         pin = device.type == "cuda"
-        self.host = [torch.empty((batch, shards.row_len), dtype=torch.int64, pin_memory=pin)
-                     for _ in range(2)]
+        self.host = [torch.empty((batch, shards.row_len), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self.turn = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +124,7 @@ def bench_loader(shards: ShardSet, batch: int, device: torch.device, seconds: fl
         with_copy += batch
     sync(device)
     copy_s = time.perf_counter() - t0
-    return {"batch": batch, "rows_per_s_host": host_only / host_s,
-            "rows_per_s_to_device": with_copy / copy_s}
+    return {"batch": batch, "rows_per_s_host": host_only / host_s, "rows_per_s_to_device": with_copy / copy_s}
 
 
 # ---------------------------------------------------------------- training steps
@@ -204,13 +202,20 @@ def bench_config(args, shards, device, batch: int, compile_mode: str | None, pea
     tokens_per_s = batch * args.seq / med
     flops = model.flops_per_token()
     result = {
-        "batch": batch, "compile": compile_mode or "eager", "seq": args.seq,
-        "first_step_s": warm[0], "warmup_s": sum(warm),
-        "step_s_median": med, "step_s_min": min(times), "step_s_max": max(times),
-        "tokens_per_s": tokens_per_s, "flops_per_token": flops,
+        "batch": batch,
+        "compile": compile_mode or "eager",
+        "seq": args.seq,
+        "first_step_s": warm[0],
+        "warmup_s": sum(warm),
+        "step_s_median": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops,
         "tflops": flops * tokens_per_s / 1e12,
         "mfu": flops * tokens_per_s / (peak * 1e12) if peak else None,
-        "loss_first": float(warm_losses[0]), "loss_last": float(losses[-1]),
+        "loss_first": float(warm_losses[0]),
+        "loss_last": float(losses[-1]),
         "params": model.num_params(),
     }
     if device.type == "cuda":
@@ -261,7 +266,8 @@ def profile_steps(step, feeder, device, tokens_per_step: int, model, n: int = 3)
         weight_flops = 6 * (model.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd)
         mm_s = by_kind.get("matmul", 0.0) / n
         return {
-            "wall_s_per_step": wall / n, "gpu_busy_s_per_step": gpu_s / n,
+            "wall_s_per_step": wall / n,
+            "gpu_busy_s_per_step": gpu_s / n,
             "share": {k: v / gpu_s for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "matmul_tflops": weight_flops * tokens_per_step / mm_s / 1e12 if mm_s else None,
             "top_kernels": [{"s_per_step": s, "name": k} for s, k in top[:15]],
@@ -289,11 +295,12 @@ def sdpa_backends(device: torch.device, batch: int, seq: int, n_head: int, head_
     """Forward+backward ms of causal SDPA per backend on the model's attention shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(batch, n_head, seq, head_dim, device=device, dtype=torch.bfloat16,
-                           requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, n_head, seq, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     out = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                    SDPBackend.EFFICIENT_ATTENTION):
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel(backend):
                 for i in range(8):
@@ -315,15 +322,25 @@ def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": sys.version.split()[0], "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(name=torch.cuda.get_device_name(device), sms=props.multi_processor_count,
-                   mem_gib=props.total_memory / 2**30, cuda=torch.version.cuda,
-                   flash_sdp=torch.backends.cuda.flash_sdp_enabled(),
-                   cudnn_sdp=getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)())
+        env.update(
+            name=torch.cuda.get_device_name(device),
+            sms=props.multi_processor_count,
+            mem_gib=props.total_memory / 2**30,
+            cuda=torch.version.cuda,
+            flash_sdp=torch.backends.cuda.flash_sdp_enabled(),
+            cudnn_sdp=getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)(),
+        )
         try:
             env["nvidia_smi"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,"
-                 "power.draw,power.limit,temperature.gpu", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20).stdout.strip()
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except Exception as exc:
             env["nvidia_smi"] = repr(exc)
     return env
@@ -349,8 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 8])
-    p.add_argument("--eager-after", type=int, default=3,
-                   help="run the eager comparison after this many compiled batch sizes")
+    p.add_argument(
+        "--eager-after", type=int, default=3, help="run the eager comparison after this many compiled batch sizes"
+    )
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true")
@@ -358,13 +376,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eager", action="store_true", help="skip the eager comparison")
     p.add_argument("--profile", action="store_true", default=None)
     p.add_argument("--no-profile", dest="profile", action="store_false")
-    p.add_argument("--model-file", type=Path, default=None,
-                   help="take GPT from this copy of model/gpt.py (default: the package's)")
-    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="set torch._inductor.config options first, e.g. coordinate_descent_tuning=True")
+    p.add_argument(
+        "--model-file", type=Path, default=None, help="take GPT from this copy of model/gpt.py (default: the package's)"
+    )
+    p.add_argument(
+        "--inductor",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set torch._inductor.config options first, e.g. coordinate_descent_tuning=True",
+    )
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--budget-s", type=float, default=270.0,
-                   help="start no new configuration after this many seconds")
+    p.add_argument("--budget-s", type=float, default=270.0, help="start no new configuration after this many seconds")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -378,8 +401,12 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision("high")
     apply_inductor_options(args.inductor)
     t_start = time.perf_counter()
-    report = {"env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
-              "configs": [], "skipped": []}
+    report = {
+        "env": environment(device),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "configs": [],
+        "skipped": [],
+    }
     name = report["env"].get("name", "")
     peak = peak_tflops(name, args.peak_tflops)
     report["env"]["peak_bf16_tflops"] = peak
@@ -446,15 +473,13 @@ def sweep(args, shards, device, peak, report: dict, t_start: float) -> None:
     if device.type == "cuda":
         best = max(report["configs"], key=lambda c: c.get("tokens_per_s", 0))
         cfg = gpt_config(GPTConfig, args.preset, vocab_size=args.vocab, block_size=args.seq)
-        report["sdpa_ms_fwd_bwd"] = sdpa_backends(device, best["batch"], args.seq, cfg.n_head,
-                                                  cfg.n_embd // cfg.n_head)
+        report["sdpa_ms_fwd_bwd"] = sdpa_backends(device, best["batch"], args.seq, cfg.n_head, cfg.n_embd // cfg.n_head)
     report["elapsed_s"] = time.perf_counter() - t_start
 
 
 def run_eager(args, shards, device, peak, report: dict) -> None:
     """Eager at the fastest compiled batch; if that runs out of memory, the next smaller."""
-    ran = sorted((c for c in report["configs"] if "error" not in c),
-                 key=lambda c: -c["tokens_per_s"])
+    ran = sorted((c for c in report["configs"] if "error" not in c), key=lambda c: -c["tokens_per_s"])
     best = ran[0]["batch"] if ran else None
     for batch in sorted({c["batch"] for c in ran if c["batch"] <= (best or 0)}, reverse=True):
         if attempt(args, shards, device, batch, None, peak, report).get("error") != "out of memory":
@@ -485,18 +510,24 @@ def save(path: Path | None, report: dict) -> None:
 
 def summarise(report: dict) -> None:
     env = report["env"]
-    print(f"\n== {env.get('name', env['device'])}  torch {env['torch']}  "
-          f"peak {env.get('peak_bf16_tflops')}  matmul {env.get('matmul_tflops_8192', 0):.0f} TFLOP/s")
-    print(f"{'batch':>5} {'mode':>8} {'tok/s':>10} {'MFU':>6} {'TFLOP/s':>8} {'peak GiB':>9} "
-          f"{'step ms':>8} {'1st step s':>10}")
+    print(
+        f"\n== {env.get('name', env['device'])}  torch {env['torch']}  "
+        f"peak {env.get('peak_bf16_tflops')}  matmul {env.get('matmul_tflops_8192', 0):.0f} TFLOP/s"
+    )
+    print(
+        f"{'batch':>5} {'mode':>8} {'tok/s':>10} {'MFU':>6} {'TFLOP/s':>8} {'peak GiB':>9} "
+        f"{'step ms':>8} {'1st step s':>10}"
+    )
     for c in report["configs"]:
         if "error" in c:
             print(f"{c['batch']:>5} {c['compile']:>8}  {c['error']}")
             continue
         mfu = f"{100 * c['mfu']:.1f}%" if c["mfu"] is not None else "-"
         mem = f"{c['peak_mem_gib']:.1f}" if "peak_mem_gib" in c else "-"
-        print(f"{c['batch']:>5} {c['compile']:>8} {c['tokens_per_s']:>10.0f} {mfu:>6} "
-              f"{c['tflops']:>8.1f} {mem:>9} {1e3 * c['step_s_median']:>8.1f} {c['first_step_s']:>10.1f}")
+        print(
+            f"{c['batch']:>5} {c['compile']:>8} {c['tokens_per_s']:>10.0f} {mfu:>6} "
+            f"{c['tflops']:>8.1f} {mem:>9} {1e3 * c['step_s_median']:>8.1f} {c['first_step_s']:>10.1f}"
+        )
     ok = [c for c in report["configs"] if "error" not in c and c["compile"] != "eager"]
     if ok:
         best = max(ok, key=lambda c: c["tokens_per_s"])
@@ -505,19 +536,25 @@ def summarise(report: dict) -> None:
         if eager:
             same = [c for c in ok if c["batch"] == eager[0]["batch"]]
             if same:
-                print(f"compiled / eager at batch {eager[0]['batch']}: "
-                      f"{same[0]['tokens_per_s'] / eager[0]['tokens_per_s']:.2f}x")
+                print(
+                    f"compiled / eager at batch {eager[0]['batch']}: "
+                    f"{same[0]['tokens_per_s'] / eager[0]['tokens_per_s']:.2f}x"
+                )
         rows_needed = best["tokens_per_s"] / best["seq"]
         loader = report["loader"]
-        print(f"loader {loader['rows_per_s_host']:.0f} rows/s host, {loader['rows_per_s_to_device']:.0f} "
-              f"to device; training at best consumes {rows_needed:.0f} rows/s "
-              f"-> {loader['rows_per_s_to_device'] / rows_needed:.0f}x")
+        print(
+            f"loader {loader['rows_per_s_host']:.0f} rows/s host, {loader['rows_per_s_to_device']:.0f} "
+            f"to device; training at best consumes {rows_needed:.0f} rows/s "
+            f"-> {loader['rows_per_s_to_device'] / rows_needed:.0f}x"
+        )
         prof = best.get("profile", {})
         if "share" in prof:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["share"].items())
-            print(f"GPU time at batch {best['batch']}: {shares}; busy "
-                  f"{prof['gpu_busy_s_per_step'] / prof['wall_s_per_step']:.0%} of wall; "
-                  f"matmuls at {prof['matmul_tflops'] or 0:.0f} TFLOP/s")
+            print(
+                f"GPU time at batch {best['batch']}: {shares}; busy "
+                f"{prof['gpu_busy_s_per_step'] / prof['wall_s_per_step']:.0%} of wall; "
+                f"matmuls at {prof['matmul_tflops'] or 0:.0f} TFLOP/s"
+            )
             for k in prof["top_kernels"][:6]:
                 print(f"  {1e3 * k['s_per_step']:7.2f} ms/step  {k['name']}")
     if "sdpa_ms_fwd_bwd" in report:

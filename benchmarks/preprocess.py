@@ -1,7 +1,8 @@
 """Preprocessing throughput, peak memory and scaling, against two references in the same run.
 
     .venv/bin/python benchmarks/preprocess.py                      # stdlib + synthetic 25 MB and 200 MB
-    .venv/bin/python benchmarks/preprocess.py --skip-stdlib --synthetic-mb 1000 --scale-from-mb 125 --big-reps 1 --json out.json
+    .venv/bin/python benchmarks/preprocess.py --skip-stdlib --synthetic-mb 1000 --scale-from-mb 125 \
+        --big-reps 1 --json out.json
 
 For each corpus, with one tokenizer (trained once, then reused so every method uses the same
 model), it measures:
@@ -50,12 +51,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TOKENMILL_PROGRESS", "0")
 
 from data_catalog.loader import resolve_corpus  # noqa: E402
+from tasks.core.tokenizer import load_tokenizer  # noqa: E402
 from tasks.preprocess import tokenizer as tok  # noqa: E402
 from tasks.preprocess.documents import DocRules, Tally, read_documents  # noqa: E402
-from tasks.core.tokenizer import load_tokenizer  # noqa: E402
 from tokenmill.config import DataConfig, TokenizerConfig  # noqa: E402
 
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "ven", "dor", "al", "is", "or", "eth", "um", "pra", "gle", "ton"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "ta",
+    "shi",
+    "ven",
+    "dor",
+    "al",
+    "is",
+    "or",
+    "eth",
+    "um",
+    "pra",
+    "gle",
+    "ton",
+]
 
 
 def cpu_seconds() -> float:
@@ -105,7 +124,9 @@ def synthetic_corpus(root: Path, megabytes: int, file_mb: int = 25, seed: int = 
     if done.exists():  # the generator is deterministic: a finished corpus is reused as it is
         return root
     root.mkdir(parents=True, exist_ok=True)
-    sizes = [file_mb * 1_000_000] * (megabytes // file_mb) + ([(megabytes % file_mb) * 1_000_000] if megabytes % file_mb else [])
+    sizes = [file_mb * 1_000_000] * (megabytes // file_mb) + (
+        [(megabytes % file_mb) * 1_000_000] if megabytes % file_mb else []
+    )
     jobs = [(root / f"part-{i:04d}.jsonl", size, seed, i) for i, size in enumerate(sizes)]
     with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         pool.starmap(_synthetic_file, jobs, chunksize=1)
@@ -168,7 +189,9 @@ def _ready(_: int) -> bool:
 def raw_parallel_rate(model_path: Path, docs: list[str], workers: int) -> float:
     """MB/s of `workers` processes encoding shares of in-memory documents at once: what the box can do."""
     shares = [docs[i::workers] for i in range(workers)]
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_pool_init, initargs=(str(model_path),)) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_pool_init, initargs=(str(model_path),)
+    ) as pool:
         assert all(pool.map(_ready, range(workers), chunksize=1))
         start_at = time.perf_counter() + 1.0  # after the shares are pickled across
         spans = pool.starmap(_raw_share, [(start_at, share) for share in shares], chunksize=1)
@@ -216,8 +239,9 @@ def pool_peer(corpus, model_path: Path, workers: int, out: Path) -> dict:
     return {"seconds": seconds, "tokens": tokens}
 
 
-def ours(corpus_ref: str, model_path: Path, workers: int, shards: Path, data: DataConfig,
-         dask_address: str | None = None) -> dict:
+def ours(
+    corpus_ref: str, model_path: Path, workers: int, shards: Path, data: DataConfig, dask_address: str | None = None
+) -> dict:
     from tasks.preprocess import stage as preprocess  # imports Prefect: kept out of the Pool workers' start-up
 
     corpus = resolve_corpus(corpus_ref)
@@ -228,8 +252,13 @@ def ours(corpus_ref: str, model_path: Path, workers: int, shards: Path, data: Da
     seconds = time.perf_counter() - started
     stats = json.loads(manifest_path.read_text())["stats"]
     phases = {k.removeprefix("seconds_"): v for k, v in stats.items() if k.startswith("seconds_")}
-    return {"seconds": seconds, "tokens": stats["tokens"], "docs_out": stats["docs_out"], "partitions": stats["partitions"],
-            "phases": phases}
+    return {
+        "seconds": seconds,
+        "tokens": stats["tokens"],
+        "docs_out": stats["docs_out"],
+        "partitions": stats["partitions"],
+        "phases": phases,
+    }
 
 
 def tree_cpu() -> float:
@@ -257,8 +286,9 @@ def standing_cluster(workers: int):
         yield client.scheduler.address
 
 
-def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig,
-            reps: int) -> dict:
+def measure(
+    name: str, corpus_ref: str, model_path: Path, workers: int, work: Path, args, data: DataConfig, reps: int
+) -> dict:
     """Both references and ours on one corpus; pool and ours alternate `reps` times and the best of each counts."""
     from tasks.preprocess import stage as preprocess  # noqa: F401  imported here, so its import is not counted in ours' CPU time
 
@@ -282,33 +312,52 @@ def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Pa
             if address:
                 cpu = tree_cpu()
                 with PeakRss() as rss:
-                    warm.append({**ours(corpus_ref, model_path, workers, work / f"{name}-shards", data, address),
-                                 "rss": rss.peak})
+                    warm.append(
+                        {
+                            **ours(corpus_ref, model_path, workers, work / f"{name}-shards", data, address),
+                            "rss": rss.peak,
+                        }
+                    )
                 warm[-1]["cpu"] = tree_cpu() - cpu
                 shutil.rmtree(work / f"{name}-shards")
     pool, best = min(pools, key=lambda r: r["seconds"]), min(mine, key=lambda r: r["seconds"])
     limit = raw["mb_s"] * workers
     row = {
-        "corpus": name, "mb": round(mb, 1), "workers": workers, "load_avg_1m": round(os.getloadavg()[0], 2),
-        "raw_mb_s_1core": round(raw["mb_s"], 2), "limit_mb_s": round(limit, 2), "raw_parallel_mb_s": round(parallel, 2),
-        "pool_mb_s": round(mb / pool["seconds"], 2), "pool_s": [round(r["seconds"], 1) for r in pools],
+        "corpus": name,
+        "mb": round(mb, 1),
+        "workers": workers,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "raw_mb_s_1core": round(raw["mb_s"], 2),
+        "limit_mb_s": round(limit, 2),
+        "raw_parallel_mb_s": round(parallel, 2),
+        "pool_mb_s": round(mb / pool["seconds"], 2),
+        "pool_s": [round(r["seconds"], 1) for r in pools],
         "pool_peak_rss_mb": round(max(r["rss"] for r in pools) / 1e6),
-        "ours_mb_s": round(mb / best["seconds"], 2), "ours_s": [round(r["seconds"], 1) for r in mine],
+        "ours_mb_s": round(mb / best["seconds"], 2),
+        "ours_s": [round(r["seconds"], 1) for r in mine],
         "ours_peak_rss_mb": round(max(r["rss"] for r in mine) / 1e6),
-        "ours_over_limit": round(mb / best["seconds"] / limit, 3), "ours_over_parallel": round(mb / best["seconds"] / parallel, 3),
-        "ours_over_pool": round(pool["seconds"] / best["seconds"], 3), "ours_phases": best["phases"],
-        "pool_cpu_s": [round(r["cpu"], 1) for r in pools], "ours_cpu_s": [round(r["cpu"], 1) for r in mine],
+        "ours_over_limit": round(mb / best["seconds"] / limit, 3),
+        "ours_over_parallel": round(mb / best["seconds"] / parallel, 3),
+        "ours_over_pool": round(pool["seconds"] / best["seconds"], 3),
+        "ours_phases": best["phases"],
+        "pool_cpu_s": [round(r["cpu"], 1) for r in pools],
+        "ours_cpu_s": [round(r["cpu"], 1) for r in mine],
         "pool_cpu_over_ours_cpu": round(min(r["cpu"] for r in pools) / min(r["cpu"] for r in mine), 3),
-        "ours_tokens": best["tokens"], "partitions": best["partitions"],
+        "ours_tokens": best["tokens"],
+        "partitions": best["partitions"],
     }
     if warm:
         fastest = min(warm, key=lambda r: r["seconds"])
-        row.update({
-            "standing_mb_s": round(mb / fastest["seconds"], 2), "standing_s": [round(r["seconds"], 1) for r in warm],
-            "standing_over_pool": round(pool["seconds"] / fastest["seconds"], 3),
-            "standing_over_limit": round(mb / fastest["seconds"] / limit, 3),
-            "standing_cpu_s": [round(r["cpu"], 1) for r in warm], "standing_phases": fastest["phases"],
-        })
+        row.update(
+            {
+                "standing_mb_s": round(mb / fastest["seconds"], 2),
+                "standing_s": [round(r["seconds"], 1) for r in warm],
+                "standing_over_pool": round(pool["seconds"] / fastest["seconds"], 3),
+                "standing_over_limit": round(mb / fastest["seconds"] / limit, 3),
+                "standing_cpu_s": [round(r["cpu"], 1) for r in warm],
+                "standing_phases": fastest["phases"],
+            }
+        )
     print(json.dumps(row), flush=True)
     return row
 
@@ -316,7 +365,9 @@ def measure(name: str, corpus_ref: str, model_path: Path, workers: int, work: Pa
 def train_tokenizer(corpus_ref: str, out: Path, vocab: int, sample_bytes: int) -> tuple[Path, float]:
     corpus = resolve_corpus(corpus_ref)
     started = time.perf_counter()
-    sentences = tok.sample_sentences([f.path for f in corpus.files], DocRules(format=corpus.entry.format), sample_bytes, 1337)
+    sentences = tok.sample_sentences(
+        [f.path for f in corpus.files], DocRules(format=corpus.entry.format), sample_bytes, 1337
+    )
     model = tok.train_sentencepiece(sentences, vocab, num_threads=os.cpu_count() or 1)
     out.write_bytes(model)
     return out, time.perf_counter() - started
@@ -329,31 +380,47 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--raw-limit-mb", type=int, default=40, help="documents encoded by the raw references")
-    parser.add_argument("--reps", type=int, default=2, help="alternating runs of pool and ours; the best of each counts")
-    parser.add_argument("--big-reps", type=int, default=None, help="--reps for the --synthetic-mb corpus (default: --reps)")
+    parser.add_argument(
+        "--reps", type=int, default=2, help="alternating runs of pool and ours; the best of each counts"
+    )
+    parser.add_argument(
+        "--big-reps", type=int, default=None, help="--reps for the --synthetic-mb corpus (default: --reps)"
+    )
     parser.add_argument("--skip-stdlib", action="store_true")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed after)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--standing-cluster", action="store_true",
-                        help="also time ours on a cluster started before the runs (as with --dask-address)")
+    parser.add_argument(
+        "--standing-cluster",
+        action="store_true",
+        help="also time ours on a cluster started before the runs (as with --dask-address)",
+    )
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="tokenmill-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = DataConfig(incremental=False)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "command": " ".join(sys.argv), "rows": []}
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "rows": [],
+    }
     try:
         if not args.skip_stdlib:
             model, seconds = train_tokenizer("python-stdlib", work / "stdlib.model", args.vocab, 8_000_000)
             results["stdlib_tokenizer_train_s"] = round(seconds, 1)
-            results["rows"].append(measure("python-stdlib", "python-stdlib", model, args.workers, work, args, data, args.reps))
+            results["rows"].append(
+                measure("python-stdlib", "python-stdlib", model, args.workers, work, args, data, args.reps)
+            )
         small = synthetic_corpus(work / f"syn-{args.scale_from_mb}", args.scale_from_mb)
         big = synthetic_corpus(work / f"syn-{args.synthetic_mb}", args.synthetic_mb)
         model, seconds = train_tokenizer(str(small), work / "syn.model", args.vocab, 8_000_000)
         results["synthetic_tokenizer_train_s"] = round(seconds, 1)
         big_reps = args.big_reps or args.reps
-        rows = [measure(f"synthetic-{mb}MB", str(d), model, args.workers, work, args, data, reps)
-                for mb, d, reps in ((args.scale_from_mb, small, args.reps), (args.synthetic_mb, big, big_reps))]
+        rows = [
+            measure(f"synthetic-{mb}MB", str(d), model, args.workers, work, args, data, reps)
+            for mb, d, reps in ((args.scale_from_mb, small, args.reps), (args.synthetic_mb, big, big_reps))
+        ]
         results["rows"] += rows
         results["scale"] = {
             "data_ratio": round(rows[1]["mb"] / rows[0]["mb"], 2),
@@ -370,7 +437,8 @@ def main() -> None:
 
 def machine() -> str:
     mem = psutil.virtual_memory().total / 2**30
-    return f"{platform.machine()} {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{platform.machine()} {os.cpu_count()} cores, {mem:.0f} GiB RAM, {system}"
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def expand(pattern: str, base: Path) -> str:
     """`{stdlib}` and `~` expanded; a relative local path made absolute against `base`."""
     pattern = pattern.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
     if pattern.startswith("file://"):
-        pattern = pattern[len("file://"):]
+        pattern = pattern[len("file://") :]
     if is_url(pattern):
         return pattern
     pattern = os.path.expanduser(pattern)
@@ -63,8 +63,9 @@ def list_pattern(pattern: str, base: Path, where: str) -> list[SourceFile]:
     return _list_local(expanded, pattern, where)
 
 
-def list_sources(patterns: list[str], exclude: list[str], base: Path, where: str,
-                 label_dirs: bool = False) -> list[SourceFile]:
+def list_sources(
+    patterns: list[str], exclude: list[str], base: Path, where: str, label_dirs: bool = False
+) -> list[SourceFile]:
     """Every file the patterns match, minus excludes, each once, sorted by path; with
     `label_dirs`, labelled by the directory it lies in (see the module docstring)."""
     found: dict[str, SourceFile] = {}
@@ -91,7 +92,7 @@ def dir_label(path: str, root: str) -> str | None:
     """The first directory below `root` on the way to `path`, or the root's name for a file in it."""
     if is_url(root) and not is_url(path):  # a listed file:// root was turned into a local path
         root = root.split("://", 1)[1]
-    rel = path[len(root):].lstrip("/") if path.startswith(root.rstrip("/") + "/") else ""
+    rel = path[len(root) :].lstrip("/") if path.startswith(root.rstrip("/") + "/") else ""
     parts = rel.split("/")
     if len(parts) > 1:
         return parts[0]
@@ -137,7 +138,9 @@ def _list_url(url: str, where: str) -> list[SourceFile]:
     except TokenmillError:
         raise
     except Exception as exc:  # network, permission and backend errors all reach the user the same way
-        raise TokenmillError(f"{where}: cannot reach '{url}' ({_first_line(exc)}); check the URL and credentials") from None
+        raise TokenmillError(
+            f"{where}: cannot reach '{url}' ({_first_line(exc)}); check the URL and credentials"
+        ) from None
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return [_url_file(fs, protocol, info) for info in infos if info.get("type") == "file"]
 

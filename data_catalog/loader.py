@@ -28,7 +28,16 @@ from tokenmill.errors import TokenmillError
 
 Format = Literal["auto", "text", "lines", "paragraphs", "jsonl", "parquet"]
 
-__all__ = ["Catalog", "Corpus", "CorpusEntry", "SourceFile", "fingerprint", "list_files", "load_catalog", "resolve_corpus"]
+__all__ = [
+    "Catalog",
+    "Corpus",
+    "CorpusEntry",
+    "SourceFile",
+    "fingerprint",
+    "list_files",
+    "load_catalog",
+    "resolve_corpus",
+]
 
 
 class CorpusEntry(BaseModel):
@@ -42,10 +51,14 @@ class CorpusEntry(BaseModel):
     text_field: str = Field("text", min_length=1, description="the JSON Lines field or Parquet column of the text")
     data: dict[str, Any] = {}
     tokenizer: dict[str, Any] = {}
-    label_field: str | None = Field(None, min_length=1, description="the JSON Lines field or Parquet column of the label")
+    label_field: str | None = Field(
+        None, min_length=1, description="the JSON Lines field or Parquet column of the label"
+    )
     label_dirs: bool = Field(False, description="directory-per-class: a file's label is the directory it lies in")
     labels: list[str] | None = Field(None, description="the label set; other labels are counted as unknown and dropped")
-    task: Literal["lm", "classify"] | None = Field(None, description="default: classify when the entry has labels, else lm")
+    task: Literal["lm", "classify"] | None = Field(
+        None, description="default: classify when the entry has labels, else lm"
+    )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -58,12 +71,18 @@ class CorpusEntry(BaseModel):
     @model_validator(mode="after")
     def _label_source(self) -> CorpusEntry:
         if self.label_field and self.label_dirs:
-            raise ValueError("set label_field (a field of each record) or label_dirs (one directory per class), not both")
+            raise ValueError(
+                "set label_field (a field of each record) or label_dirs (one directory per class), not both"
+            )
         if self.label_field and self.format not in ("jsonl", "parquet", "auto"):
-            raise ValueError(f"label_field needs format jsonl, parquet or auto, not {self.format}; "
-                             "or use label_dirs for one directory per class")
+            raise ValueError(
+                f"label_field needs format jsonl, parquet or auto, not {self.format}; "
+                "or use label_dirs for one directory per class"
+            )
         if self.label_field is not None and self.label_field == self.text_field:
-            raise ValueError(f"label_field and text_field are both '{self.text_field}'; name the column that holds the label")
+            raise ValueError(
+                f"label_field and text_field are both '{self.text_field}'; name the column that holds the label"
+            )
         labelled = bool(self.label_field or self.label_dirs)
         if self.labels is not None and not labelled:
             raise ValueError("labels is set but nothing says where a label is; set label_field or label_dirs")

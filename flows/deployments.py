@@ -15,8 +15,8 @@ from __future__ import annotations
 from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-from flows.pipeline import run_pipeline
 from flows.gc import gc
+from flows.pipeline import run_pipeline
 from flows.promote import promote_model
 from tasks.run.events import CORPUS_UPDATED
 
@@ -36,17 +36,20 @@ def corpus_update_trigger() -> DeploymentEventTrigger:
 def deployments(corpus: str, preset: str, cron: str | None = NIGHTLY_CRON, task: str | None = None):
     params = {"corpus": corpus, "preset": preset, **({"task": task} if task else {})}
     return [
-        run_pipeline.to_deployment(name="nightly-retrain", cron=cron, parameters={**params, "warm_start": True},
-                                   tags=["tokenmill"]),
-        run_pipeline.to_deployment(name="retrain-on-corpus-update", parameters=params,
-                                   triggers=[corpus_update_trigger()], tags=["tokenmill"]),
+        run_pipeline.to_deployment(
+            name="nightly-retrain", cron=cron, parameters={**params, "warm_start": True}, tags=["tokenmill"]
+        ),
+        run_pipeline.to_deployment(
+            name="retrain-on-corpus-update", parameters=params, triggers=[corpus_update_trigger()], tags=["tokenmill"]
+        ),
         promote_model.to_deployment(name="promote", tags=["tokenmill"]),
         gc.to_deployment(name="gc", cron=GC_CRON, tags=["tokenmill"]),
     ]
 
 
-def serve_all(corpus: str = "python-stdlib", preset: str = "default", cron: str | None = NIGHTLY_CRON,
-              task: str | None = None) -> None:
+def serve_all(
+    corpus: str = "python-stdlib", preset: str = "default", cron: str | None = NIGHTLY_CRON, task: str | None = None
+) -> None:
     """Register the deployments with the Prefect server and run their flow runs in this process."""
     serve(*deployments(corpus, preset, cron, task), print_starting_message=True)
 

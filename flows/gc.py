@@ -1,6 +1,6 @@
 """Weekly clean-up of the state dir as a flow: the `gc` deployment runs it on a schedule.
 
-    tokenmill gc [--dry-run] [--keep-last N]     # the same logic from the command line
+tokenmill gc [--dry-run] [--keep-last N]     # the same logic from the command line
 """
 
 from __future__ import annotations

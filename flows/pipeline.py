@@ -39,8 +39,17 @@ def run_pipeline(
     cfg = plan.config
     start, start_uri = start_model_task(init_from, warm_start, cfg.registry.model_name, plan.models_root, cfg.model)
     tokenizer = start_tokenizer(start, cfg, plan.shards_root, start_uri)  # a warm start keeps its model's tokenizer
-    manifest = preprocess_corpus(plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, plan.dask_address,
-                                 refresh=refresh, reuse_tokenizer=tokenizer, classify=cfg.classify, task=cfg.task)
+    manifest = preprocess_corpus(
+        plan.corpus,
+        cfg.tokenizer,
+        cfg.data,
+        plan.shards_root,
+        plan.dask_address,
+        refresh=refresh,
+        reuse_tokenizer=tokenizer,
+        classify=cfg.classify,
+        task=cfg.task,
+    )
     tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri, cfg.task)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:

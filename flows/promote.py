@@ -15,8 +15,9 @@ from tokenmill import runtime
 
 
 @flow(name="tokenmill-promote", log_prints=False)
-def promote_model(version: str, force: bool = False, model_name: str = "tokenmill-lm",
-                  min_improvement: float = 0.005) -> str:
+def promote_model(
+    version: str, force: bool = False, model_name: str = "tokenmill-lm", min_improvement: float = 0.005
+) -> str:
     runtime.configure()  # in a worker process too: MLflow's URI from TOKENMILL_HOME unless set
     decision = promote_task(model_name, version, min_improvement, force)
     return decision.reason

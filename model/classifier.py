@@ -42,7 +42,6 @@ def pool(x, lengths, pooling: str):
 
 
 class GPTClassifier(nn.Module):
-
     def __init__(self, config: GPTConfig, n_classes: int, pooling: str = "mean"):
         super().__init__()
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:

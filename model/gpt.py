@@ -45,8 +45,7 @@ class GPTConfig:
         head_dim = self.n_embd // self.n_head
         if head_dim % 2 != 0:
             raise ValueError(
-                f"head size n_embd // n_head = {head_dim} must be even for rotary "
-                f"embeddings; change n_embd or n_head"
+                f"head size n_embd // n_head = {head_dim} must be even for rotary embeddings; change n_embd or n_head"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -118,13 +117,12 @@ class KVCache:
             B, nh, _, hs = k.shape
             self.k, self.v = k.new_empty(B, nh, self.size, hs), v.new_empty(B, nh, self.size, hs)
         start, self.len = self.len, self.len + k.size(2)
-        self.k[:, :, start:self.len] = k
-        self.v[:, :, start:self.len] = v
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+        self.k[:, :, start : self.len] = k
+        self.v[:, :, start : self.len] = v
+        return self.k[:, :, : self.len], self.v[:, :, : self.len]
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
@@ -152,14 +150,17 @@ class CausalSelfAttention(nn.Module):
         # SDPA's causal mask. A decode step (T == 1) sees every key and needs no mask: is_causal
         # would align its mask top-left and hide all keys but the first.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=T == k.size(2), dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            is_causal=T == k.size(2),
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
@@ -201,16 +202,17 @@ def next_token(logits, temperature, top_k, generator):
 
 
 class GPT(nn.Module):
-
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=RMSNorm(config.n_embd, config.norm_eps),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived from the config, so they stay out of checkpoints.
         cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_base)
@@ -229,8 +231,10 @@ class GPT(nn.Module):
         # vocab_size * n_embd parameters and helps small models.
         self.transformer.wte.weight = self.lm_head.weight
         cos, sin = rotary_tables(
-            self.config.n_embd // self.config.n_head, self.config.block_size,
-            self.config.rope_base, device=self.rope_cos.device,
+            self.config.n_embd // self.config.n_head,
+            self.config.block_size,
+            self.config.rope_base,
+            device=self.rope_cos.device,
         )
         with torch.no_grad():
             self.rope_cos.copy_(cos)
@@ -271,7 +275,7 @@ class GPT(nn.Module):
             )
         if start > 0 and T > 1:
             raise ValueError(f"a filled KV cache takes one token at a time, got {T}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cos, sin, None if caches is None else caches[i])  # (B, T, C)
@@ -289,9 +293,7 @@ class GPT(nn.Module):
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab)
             # float32 so a bf16 autocast does not round the loss
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
-            )
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
             logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab); list index keeps the T dim
             loss = None

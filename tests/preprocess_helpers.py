@@ -10,8 +10,26 @@ from pathlib import Path
 import zstandard
 
 WORDS = [
-    "river", "stone", "light", "garden", "number", "return", "value", "index", "café", "naïve",
-    "Straße", "日本語", "данные", "λόγος", "x1", "42", "2024", "self", "None", "count",
+    "river",
+    "stone",
+    "light",
+    "garden",
+    "number",
+    "return",
+    "value",
+    "index",
+    "café",
+    "naïve",
+    "Straße",
+    "日本語",
+    "данные",
+    "λόγος",
+    "x1",
+    "42",
+    "2024",
+    "self",
+    "None",
+    "count",
 ]
 
 COMPRESS = {
@@ -64,10 +82,10 @@ def python_like_module(r: random.Random, i: int) -> str:
 
 def small_tokenizer(root: Path):
     """A byte-fallback BPE model of 384 pieces trained on a few KB of generated text, saved to disk."""
-    from tasks.preprocess import tokenizer as tok
     from tasks.core.atomic import sha256_file
-    from tasks.preprocess.documents import DocRules
     from tasks.core.tokenizer import load_tokenizer
+    from tasks.preprocess import tokenizer as tok
+    from tasks.preprocess.documents import DocRules
 
     paths = [str(write(root / f"src{i}.txt", varied_text(i, 60))) for i in range(4)]
     sentences = list(tok.sample_sentences(paths, DocRules(), sample_bytes=50_000, seed=1))

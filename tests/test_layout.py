@@ -90,7 +90,7 @@ def cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -139,10 +139,13 @@ def third_party(path: Path) -> set[str]:
     return names - set(PACKAGES) - set(sys.stdlib_module_names) - {"__future__"}
 
 
-@pytest.mark.parametrize("prefix, allowed, banned", [
-    ("model", {"torch"}, set()),  # the network imports torch and nothing else
-    ("tasks.core", None, {"prefect", "mlflow", "torch"}),  # usable by Dask workers, ranks and servers alike
-])
+@pytest.mark.parametrize(
+    "prefix, allowed, banned",
+    [
+        ("model", {"torch"}, set()),  # the network imports torch and nothing else
+        ("tasks.core", None, {"prefect", "mlflow", "torch"}),  # usable by Dask workers, ranks and servers alike
+    ],
+)
 def test_the_lowest_layers_stay_light(prefix, allowed, banned):
     for name, path in modules().items():
         if name == prefix or name.startswith(prefix + "."):

@@ -15,7 +15,9 @@ from tokenmill.config import resolve_config
 VOCAB, ROW_LEN = 64, 17
 
 
-def write_corpus(root: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, tokenizer: bytes = b"synthetic") -> Path:
+def write_corpus(
+    root: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, tokenizer: bytes = b"synthetic"
+) -> Path:
     """Arrow shards of a learnable sequence (start + stride * i, mod VOCAB) and their manifest."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -29,19 +31,40 @@ def write_corpus(root: Path, n_train: int = 64, n_val: int = 16, seed: int = 0, 
         for i, part in enumerate(np.array_split(rows(n), parts)):
             name = f"{split}-{i:05d}.arrow"
             write_shard(root / name, part, {"split": split})
-            shards.append({"path": name, "split": split, "rows": len(part), "tokens": int(part.size),
-                           "sha256": sha256_file(root / name)})
+            shards.append(
+                {
+                    "path": name,
+                    "split": split,
+                    "rows": len(part),
+                    "tokens": int(part.size),
+                    "sha256": sha256_file(root / name),
+                }
+            )
     (root / "tokenizer.model").write_bytes(tokenizer)
-    manifest = {"format": "tokenmill.shards/v1", "row_len": ROW_LEN, "shards": shards,
-                "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": VOCAB}}
+    manifest = {
+        "format": "tokenmill.shards/v1",
+        "row_len": ROW_LEN,
+        "shards": shards,
+        "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": VOCAB},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root / "manifest.json"
 
 
 def tiny_config(**train):
-    base = {"max_steps": 8, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "log_interval": 1, "eval_interval": 1000,
-            "checkpoint_every": 0, "device": "cpu"}
-    return resolve_config("tiny", None, {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "train": {**base, **train}})
+    base = {
+        "max_steps": 8,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "log_interval": 1,
+        "eval_interval": 1000,
+        "checkpoint_every": 0,
+        "device": "cpu",
+    }
+    return resolve_config(
+        "tiny", None, {"model": {"n_layer": 2, "n_head": 2, "n_embd": 32}, "train": {**base, **train}}
+    )
 
 
 class Recorder:
@@ -62,5 +85,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-

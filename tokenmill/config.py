@@ -26,7 +26,8 @@ class TokenizerConfig(Section):
     character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
     sample_bytes: int = Field(8_000_000, gt=0, description="text read to train the tokenizer")
     reuse: str | None = Field(
-        None, description="reuse a tokenizer instead of training one: a tokenizer.model file, a shards "
+        None,
+        description="reuse a tokenizer instead of training one: a tokenizer.model file, a shards "
         "directory or manifest.json, or the catalog name of a corpus already preprocessed",
     )
 
@@ -88,18 +89,24 @@ class TrainConfig(Section):
     tokens_per_step: int | None = Field(
         None, ge=1, description="tokens per optimizer step; sets grad_accum from batch_size, context and ranks"
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 elsewhere"
+    )
     compile: bool = Field(False, description="torch.compile the model")
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept on disk")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="how several ranks share the model")
     nproc_per_node: int = Field(1, ge=1, description="ranks on this machine; > 1 launches torchrun")
-    peak_flops: float | None = Field(None, gt=0, description="peak FLOP/s of one device for MFU; default: a table of GPUs")
+    peak_flops: float | None = Field(
+        None, gt=0, description="peak FLOP/s of one device for MFU; default: a table of GPUs"
+    )
 
     @model_validator(mode="after")
     def _one_batch_size(self) -> TrainConfig:
         if self.tokens_per_step is not None and self.grad_accum != 1:
-            raise ValueError("set train.tokens_per_step or train.grad_accum, not both (tokens_per_step derives grad_accum)")
+            raise ValueError(
+                "set train.tokens_per_step or train.grad_accum, not both (tokens_per_step derives grad_accum)"
+            )
         return self
 
 
@@ -129,14 +136,20 @@ DEFAULT_MODEL_NAMES = {"lm": "tokenmill-lm", "classify": "tokenmill-classifier"}
 
 
 class RegistryConfig(Section):
-    model_name: str = Field("", description="registered model; default tokenmill-lm, or tokenmill-classifier for classify")
+    model_name: str = Field(
+        "", description="registered model; default tokenmill-lm, or tokenmill-classifier for classify"
+    )
     experiment: str = Field("tokenmill", min_length=1)
-    min_improvement: float = Field(0.005, ge=0.0, description="relative gain in the gate metric (val_bpb for lm, macro_f1 for classify) to promote")
+    min_improvement: float = Field(
+        0.005, ge=0.0, description="relative gain in the gate metric (val_bpb for lm, macro_f1 for classify) to promote"
+    )
 
 
 class RunConfig(Section):
     preset: str = "default"
-    task: Literal["lm", "classify"] = Field("lm", description="lm: next-token language model; classify: text classifier")
+    task: Literal["lm", "classify"] = Field(
+        "lm", description="lm: next-token language model; classify: text classifier"
+    )
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -170,9 +183,7 @@ def resolve_config(
     """Merge defaults < preset < catalog entry < overrides into one validated RunConfig."""
     presets = load_presets()
     if preset not in presets:
-        raise TokenmillError(
-            f"unknown preset '{preset}': choose one of {', '.join(sorted(presets))}"
-        )
+        raise TokenmillError(f"unknown preset '{preset}': choose one of {', '.join(sorted(presets))}")
     merged: dict[str, Any] = {"preset": preset}
     for layer in (presets[preset] or {}, catalog_overrides or {}, overrides or {}):
         merged = deep_merge(merged, layer)

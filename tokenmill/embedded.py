@@ -65,8 +65,10 @@ def _start_services(svc: Services, home: Path) -> None:
             _start_prefect_api(log)
         except Exception as exc:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise TokenmillError(f"the embedded Prefect API did not start ({first[:200]}); see {log}, "
-                                 f"or set PREFECT_API_URL to a running Prefect server") from None
+            raise TokenmillError(
+                f"the embedded Prefect API did not start ({first[:200]}); see {log}, "
+                f"or set PREFECT_API_URL to a running Prefect server"
+            ) from None
     if svc.mlflow_uri.startswith("sqlite:"):
         from mlflow import MlflowClient
 

@@ -123,8 +123,9 @@ def labelled_schema(max_len: int, dtype: np.dtype, metadata: dict[str, str]) -> 
     )
 
 
-def write_labelled_shard(path: Path, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray,
-                         metadata: dict[str, str]) -> None:
+def write_labelled_shard(
+    path: Path, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray, metadata: dict[str, str]
+) -> None:
     """Write (N, max_len) padded tokens with their lengths and label ids (not atomic by itself)."""
     n, max_len = tokens.shape
     if len(lengths) != n or len(labels) != n:

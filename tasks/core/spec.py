@@ -18,6 +18,7 @@ from tokenmill.errors import TokenmillError
 @dataclass(frozen=True)
 class Gate:
     """The one metric the registry promotes by."""
+
     metric: str
     higher_is_better: bool
 
@@ -26,6 +27,7 @@ class Gate:
 class Headline:
     """A metric every summary shows: its name, how many decimals, what it is measured in, and a
     note formatted from the other metrics (and `classes`, the number of labels)."""
+
     metric: str
     decimals: int = 4
     unit: str = ""
@@ -47,8 +49,11 @@ LM = TaskSpec(
     name="lm",
     description="next-token language model",
     gate=Gate("val_bpb", higher_is_better=False),
-    headline=(Headline("val_loss", 4, "nats/token", "(unigram baseline {val_unigram_entropy:.4f})"),
-              Headline("val_ppl", 2), Headline("val_bpb", 4, "bits/byte")),
+    headline=(
+        Headline("val_loss", 4, "nats/token", "(unigram baseline {val_unigram_entropy:.4f})"),
+        Headline("val_ppl", 2),
+        Headline("val_bpb", 4, "bits/byte"),
+    ),
     listed=("val_bpb", "val_loss"),
     labelled=False,
     generates=True,
@@ -57,8 +62,11 @@ CLASSIFY = TaskSpec(
     name="classify",
     description="text classifier",
     gate=Gate("macro_f1", higher_is_better=True),
-    headline=(Headline("val_loss", 4, "nats/document"), Headline("accuracy"),
-              Headline("macro_f1", 4, "", "({classes} classes)")),
+    headline=(
+        Headline("val_loss", 4, "nats/document"),
+        Headline("accuracy"),
+        Headline("macro_f1", 4, "", "({classes} classes)"),
+    ),
     listed=("macro_f1", "accuracy"),
     labelled=True,
     generates=False,
@@ -83,11 +91,14 @@ def spec_for_gate(metric: str) -> TaskSpec:
     for spec in TASKS.values():
         if spec.gate.metric == metric:
             return spec
-    raise ValueError(f"no promotion gate for metric '{metric}': use one of "
-                     f"{', '.join(s.gate.metric for s in TASKS.values())}")
+    raise ValueError(
+        f"no promotion gate for metric '{metric}': use one of {', '.join(s.gate.metric for s in TASKS.values())}"
+    )
 
 
-def headline_lines(spec: TaskSpec, metrics: dict, labels: list | tuple = (), note_sep: str = " ") -> list[tuple[str, str]]:
+def headline_lines(
+    spec: TaskSpec, metrics: dict, labels: list | tuple = (), note_sep: str = " "
+) -> list[tuple[str, str]]:
     """(name, value with unit and note) of each of the task's headline metrics in `metrics`:
     what the terminal, the run summary and its Prefect artifact show."""
     out = []

@@ -52,7 +52,9 @@ def resolve_reuse(reuse: str, shards_root: Path) -> Path:
     manifest = given / "manifest.json" if given.is_dir() else given
     if manifest.is_file():
         return _manifest_tokenizer(manifest)
-    builds = sorted(Path(shards_root).glob(f"{reuse}-*/manifest.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    builds = sorted(
+        Path(shards_root).glob(f"{reuse}-*/manifest.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True
+    )
     for manifest in builds:
         try:
             return _manifest_tokenizer(manifest)

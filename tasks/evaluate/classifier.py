@@ -46,8 +46,9 @@ def check_fits(manifest: dict, manifest_path: Path, local: LocalModel) -> list[s
     return labels
 
 
-def evaluate_classifier(manifest_path: Path, manifest: dict, local: LocalModel, cfg: EvalConfig,
-                        device: str = "auto") -> Evaluation:
+def evaluate_classifier(
+    manifest_path: Path, manifest: dict, local: LocalModel, cfg: EvalConfig, device: str = "auto"
+) -> Evaluation:
     """Loss, accuracy, macro-F1 and per-class precision and recall on the frozen eval set."""
     labels = check_fits(manifest, manifest_path, local)
     if not local.head:
@@ -62,7 +63,17 @@ def evaluate_classifier(manifest_path: Path, manifest: dict, local: LocalModel, 
         raise TokenmillError(f"{manifest_path} has no val documents; preprocess with a larger data.val_fraction")
     logits, actual = predict_labelled(model, val, cfg.max_rows, cfg.batch_size, dev)
     matrix = confusion_matrix(actual, logits.argmax(axis=1), len(labels))
-    metrics = {"val_loss": cross_entropy(logits, actual), **classification_metrics(matrix, labels),
-               "val_rows": float(len(actual))}
-    return Evaluation(local, metrics, mf.eval_set_sha(manifest, cfg.max_rows), cfg.max_rows, weights_sha256(state),
-                      task="classify", confusion=matrix.tolist())
+    metrics = {
+        "val_loss": cross_entropy(logits, actual),
+        **classification_metrics(matrix, labels),
+        "val_rows": float(len(actual)),
+    }
+    return Evaluation(
+        local,
+        metrics,
+        mf.eval_set_sha(manifest, cfg.max_rows),
+        cfg.max_rows,
+        weights_sha256(state),
+        task="classify",
+        confusion=matrix.tolist(),
+    )

@@ -9,19 +9,21 @@ from pathlib import Path
 
 from tasks.core import manifest as mf
 from tasks.core.shards import ShardSet
+from tasks.core.tokenizer import load_tokenizer, piece_byte_lengths
 from tasks.evaluate import report
+from tasks.modeling.checkpoint import weights_sha256
 from tasks.modeling.evaluation import Evaluation
 from tasks.modeling.local_model import LocalModel, require_same_tokenizer
 from tasks.modeling.metrics import evaluate_rows, unigram_entropy
 from tasks.modeling.parallel import pick_device
 from tasks.modeling.pyfunc_io import load_network
-from tasks.modeling.checkpoint import weights_sha256
-from tasks.core.tokenizer import load_tokenizer, piece_byte_lengths
 from tokenmill.config import EvalConfig
 from tokenmill.errors import TokenmillError
 
 
-def evaluate_lm(manifest_path: Path, manifest: dict, local: LocalModel, cfg: EvalConfig, device: str = "auto") -> Evaluation:
+def evaluate_lm(
+    manifest_path: Path, manifest: dict, local: LocalModel, cfg: EvalConfig, device: str = "auto"
+) -> Evaluation:
     if local.head:
         raise TokenmillError(
             f"{local.weights} is a classifier, and {manifest_path} holds language-model shards; "
@@ -34,5 +36,9 @@ def evaluate_lm(manifest_path: Path, manifest: dict, local: LocalModel, cfg: Eva
     sp = load_tokenizer(Path(local.tokenizer).read_bytes())
     metrics = evaluate_rows(model, val, cfg.max_rows, cfg.batch_size, piece_byte_lengths(sp), dev)
     metrics["val_unigram_entropy"] = unigram_entropy(val, cfg.max_rows, manifest["tokenizer"]["vocab_size"])
-    samples = report.sample_generations(model, sp, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, dev)
-    return Evaluation(local, metrics, mf.eval_set_sha(manifest, cfg.max_rows), cfg.max_rows, weights_sha256(state), samples)
+    samples = report.sample_generations(
+        model, sp, cfg.prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, dev
+    )
+    return Evaluation(
+        local, metrics, mf.eval_set_sha(manifest, cfg.max_rows), cfg.max_rows, weights_sha256(state), samples
+    )

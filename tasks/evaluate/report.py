@@ -9,13 +9,15 @@ import torch
 
 from tasks.core.atomic import write_bytes, write_with
 from tasks.modeling.metrics import metric_names
+
 # `complete` lives with the logged pyfunc models, so a served model samples as evaluation does;
 # models registered before it moved import it from here.
 from tasks.modeling.pyfunc_io import complete
 
 
-def sample_generations(model, sp, prompts: list[str], max_new_tokens: int, temperature: float,
-                       top_k: int, seed: int, device: torch.device) -> list[dict[str, str]]:
+def sample_generations(
+    model, sp, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int, seed: int, device: torch.device
+) -> list[dict[str, str]]:
     """One seeded sample per prompt."""
     generator = torch.Generator(device=device).manual_seed(seed)
     return [
@@ -99,8 +101,15 @@ def plot_confusion_matrix(matrix, labels: list[str], dest: Path) -> None:
     threshold = matrix.max() / 2 if matrix.size and matrix.max() else 0
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center",
-                    color="white" if matrix[i, j] > threshold else "black", fontsize=9)
+            ax.text(
+                j,
+                i,
+                str(int(matrix[i, j])),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > threshold else "black",
+                fontsize=9,
+            )
     fig.tight_layout()
     write_with(dest, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -119,17 +128,26 @@ def classification_markdown(title: str, metrics: dict, labels: list[str], matrix
             lines.append(f"| {key} | {metrics[key]:.4f} |")
     lines += ["", "## Per class", "", "| label | precision | recall | support |", "|---|---|---|---|"]
     for label, name, row in zip(labels, metric_names(labels), matrix):
-        lines.append(f"| {cell(label)} | {metrics[f'precision.{name}']:.4f} | {metrics[f'recall.{name}']:.4f} | {int(sum(row))} |")
-    lines += ["", "## Confusion matrix (rows: true label, columns: predicted)", "",
-              "| true / predicted | " + " | ".join(map(cell, labels)) + " |", "|---" * (len(labels) + 1) + "|"]
+        lines.append(
+            f"| {cell(label)} | {metrics[f'precision.{name}']:.4f} | {metrics[f'recall.{name}']:.4f} "
+            f"| {int(sum(row))} |"
+        )
+    lines += [
+        "",
+        "## Confusion matrix (rows: true label, columns: predicted)",
+        "",
+        "| true / predicted | " + " | ".join(map(cell, labels)) + " |",
+        "|---" * (len(labels) + 1) + "|",
+    ]
     lines += [f"| {cell(label)} | " + " | ".join(str(int(c)) for c in row) + " |" for label, row in zip(labels, matrix)]
     lines += ["", "## Lineage", ""]
     lines += [f"- {k}: `{v}`" for k, v in lineage.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_classification_report(out_dir: Path, title: str, metrics: dict, labels: list[str], matrix,
-                                lineage, history) -> list[Path]:
+def write_classification_report(
+    out_dir: Path, title: str, metrics: dict, labels: list[str], matrix, lineage, history
+) -> list[Path]:
     """report.md and confusion_matrix.png, and loss_curve.png when there is a history, under out_dir."""
     out_dir = Path(out_dir)
     report = out_dir / "report.md"

@@ -17,7 +17,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import manifest as mf, stage_cache
+from tasks.core import manifest as mf
+from tasks.core import stage_cache
 from tasks.core.policy import retry_transient
 from tasks.core.spec import task_spec
 from tasks.evaluate import report
@@ -29,7 +30,6 @@ from tasks.modeling.task_data import manifest_task
 from tokenmill.config import EvalConfig
 from tokenmill.console import step
 from tokenmill.locks import exclusive
-
 
 # The evaluator of each task (tasks.core.spec), by the task's name.
 EVALUATORS = {"lm": evaluate_lm, "classify": evaluate_classifier}
@@ -53,7 +53,9 @@ def loss_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 
 @task(name="evaluate", retries=1, retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | None, refresh: bool = False) -> Evaluation:
+def evaluate_model(
+    manifest_path: Path, trained, cfg: EvalConfig, run_id: str | None, refresh: bool = False
+) -> Evaluation:
     """Score freshly trained weights (a `TrainResult`), write the report beside them, and log it
     all to the run. A verified earlier evaluation of the same weights on the same eval set is
     reused unless `refresh`."""
@@ -65,9 +67,17 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
         cached = None if refresh or not trained.weights_sha256 else stage_cache.lookup(models_root, key)
         if cached:
             step(f"evaluation cached (verified, key {key[:12]})")
-            result = Evaluation(local, cached["metrics"], cached["eval_set_sha256"], cached["eval_max_rows"],
-                                cached["weights_sha256"], cached["samples"], [Path(p) for p in cached["files"]],
-                                task=cached.get("task", "lm"), confusion=cached.get("confusion"))
+            result = Evaluation(
+                local,
+                cached["metrics"],
+                cached["eval_set_sha256"],
+                cached["eval_max_rows"],
+                cached["weights_sha256"],
+                cached["samples"],
+                [Path(p) for p in cached["files"]],
+                task=cached.get("task", "lm"),
+                confusion=cached.get("confusion"),
+            )
         else:
             result = fresh_evaluation(manifest_path, local, trained, cfg, run_id, models_root, key)
     if run_id:
@@ -75,29 +85,51 @@ def evaluate_model(manifest_path: Path, trained, cfg: EvalConfig, run_id: str | 
     return result
 
 
-def fresh_evaluation(manifest_path: Path, local: LocalModel, trained, cfg: EvalConfig, run_id: str | None,
-                     models_root: Path, key: str) -> Evaluation:
+def fresh_evaluation(
+    manifest_path: Path, local: LocalModel, trained, cfg: EvalConfig, run_id: str | None, models_root: Path, key: str
+) -> Evaluation:
     """Score the model, write the report beside its weights and record both in the stage cache."""
     step("evaluating on the frozen eval set")
     result = evaluate(manifest_path, local, cfg)
     history = loss_history(run_id) if run_id else {}
-    lineage = {"eval_set_sha256": result.eval_set_sha256, "manifest": str(manifest_path),
-               "tokenizer_sha256": local.tokenizer_sha256, "mlflow_run_id": run_id or "-"}
+    lineage = {
+        "eval_set_sha256": result.eval_set_sha256,
+        "manifest": str(manifest_path),
+        "tokenizer_sha256": local.tokenizer_sha256,
+        "mlflow_run_id": run_id or "-",
+    }
     out_dir = Path(trained.weights).parent / f"eval-{key[:12]}"
     result.files = write_evaluation_report(out_dir, result, lineage, history)
-    stage_cache.store(models_root, key, result.files, {
-        "metrics": result.metrics, "eval_set_sha256": result.eval_set_sha256, "eval_max_rows": result.eval_max_rows,
-        "weights_sha256": result.weights_sha256, "samples": result.samples, "files": [str(p) for p in result.files],
-        "task": result.task, "confusion": result.confusion,
-    })
+    stage_cache.store(
+        models_root,
+        key,
+        result.files,
+        {
+            "metrics": result.metrics,
+            "eval_set_sha256": result.eval_set_sha256,
+            "eval_max_rows": result.eval_max_rows,
+            "weights_sha256": result.weights_sha256,
+            "samples": result.samples,
+            "files": [str(p) for p in result.files],
+            "task": result.task,
+            "confusion": result.confusion,
+        },
+    )
     return result
 
 
 def write_evaluation_report(out_dir: Path, result: Evaluation, lineage: dict, history: dict) -> list[Path]:
     """The report files of the result's task under out_dir (each written atomically)."""
     if task_spec(result.task).labelled:
-        return report.write_classification_report(out_dir, "tokenmill classifier evaluation", result.metrics,
-                                                  list(result.model.head["labels"]), result.confusion, lineage, history)
+        return report.write_classification_report(
+            out_dir,
+            "tokenmill classifier evaluation",
+            result.metrics,
+            list(result.model.head["labels"]),
+            result.confusion,
+            lineage,
+            history,
+        )
     return report.write_report(out_dir, "tokenmill evaluation", result.metrics, result.samples, lineage, history)
 
 

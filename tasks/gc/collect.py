@@ -55,6 +55,7 @@ class Version:
 class Entry:
     """A file or directory: its newest mtime, the bytes of files linked only here, and the
     (device, inode, size, links) of hard-linked files, which free space only with their last link."""
+
     path: str
     mtime: float
     size: int = 0
@@ -210,6 +211,7 @@ def freed_bytes(entries: list[Entry]) -> list[int]:
 
 # Reading the state dir.
 
+
 def entry_of(path: Path) -> Entry:
     """Sizes and newest mtime of a file, or of everything under a directory (links not followed)."""
     stats = [path.lstat()]
@@ -242,18 +244,25 @@ def scan(state: Path) -> Tree:
     """The shard dirs, training dirs, cache records and temp files under `state`."""
     shards_root, models_root = state / "shards", state / "models"
     shard_dirs = sorted(d for d in shards_root.glob("*") if d.is_dir()) if shards_root.is_dir() else []
-    run_dirs = sorted(d for d in models_root.glob("*") if d.is_dir() and d.name != RECORDS) if models_root.is_dir() else []
+    run_dirs = (
+        sorted(d for d in models_root.glob("*") if d.is_dir() and d.name != RECORDS) if models_root.is_dir() else []
+    )
     temps = [p for root in (shards_root, models_root) if root.is_dir() for p in root.rglob(".*.tmp") if p.is_file()]
     return Tree(
         shards=[ShardDir(entry_of(d), (d / MANIFEST).is_file()) for d in shard_dirs],
-        runs=[RunDir(entry_of(d), (d / WEIGHTS).is_file(), entry_of(d / CHECKPOINTS) if (d / CHECKPOINTS).is_dir() else None)
-              for d in run_dirs],
+        runs=[
+            RunDir(
+                entry_of(d), (d / WEIGHTS).is_file(), entry_of(d / CHECKPOINTS) if (d / CHECKPOINTS).is_dir() else None
+            )
+            for d in run_dirs
+        ],
         records=[read_record(p) for p in sorted((models_root / RECORDS).glob("*.json"))],
         temps=[entry_of(p) for p in sorted(temps)],
     )
 
 
 # Removing.
+
 
 @dataclass
 class Report:
@@ -264,8 +273,13 @@ class Report:
     dry_run: bool
 
     def as_json(self) -> dict:
-        return {"removed": self.removed, "bytes": self.bytes, "kept": self.kept, "in_use": self.in_use,
-                "dry_run": self.dry_run}
+        return {
+            "removed": self.removed,
+            "bytes": self.bytes,
+            "kept": self.kept,
+            "in_use": self.in_use,
+            "dry_run": self.dry_run,
+        }
 
 
 def remove(path: Path) -> None:
@@ -293,8 +307,9 @@ def carry_out(plan: Plan, dry_run: bool) -> Report:
     return Report(removed, busy, kept, sum(sizes), dry_run)
 
 
-def run_gc(state: Path, versions: list[dict], keep_last: int = 3, dry_run: bool = False,
-           min_age_s: float = MIN_AGE_S) -> Report:
+def run_gc(
+    state: Path, versions: list[dict], keep_last: int = 3, dry_run: bool = False, min_age_s: float = MIN_AGE_S
+) -> Report:
     """`versions` is every registered version (`tasks.registry.versions.registered_versions`)."""
     kept = [Version(**{**v, "aliases": tuple(v["aliases"])}) for v in versions]
     plan = decide(scan(state), kept, keep_last, time.time(), min_age_s)
@@ -302,7 +317,9 @@ def run_gc(state: Path, versions: list[dict], keep_last: int = 3, dry_run: bool 
 
 
 @task(name="gc", cache_policy=NO_CACHE)
-def collect_garbage(versions: list[dict], keep_last: int = 3, dry_run: bool = False, min_age_s: float = MIN_AGE_S) -> dict:
+def collect_garbage(
+    versions: list[dict], keep_last: int = 3, dry_run: bool = False, min_age_s: float = MIN_AGE_S
+) -> dict:
     """Remove what no kept version, corpus or running process needs from the state dir."""
     from tokenmill.runtime import state_dir
 

@@ -57,8 +57,10 @@ def earlier_checkpoints(out_dir: Path, ckpt_dir: Path, resume: bool) -> list[Pat
     (checked before anything starts, so two runs never mix their checkpoints in one out dir)."""
     earlier = list_checkpoints(ckpt_dir)
     if earlier and not resume:
-        raise TokenmillError(f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
-                             f"continue it with --resume, or choose a new --out")
+        raise TokenmillError(
+            f"{out_dir} already holds checkpoints of a run (up to {earlier[-1].name}); "
+            f"continue it with --resume, or choose a new --out"
+        )
     return earlier
 
 
@@ -140,14 +142,20 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return optimizer.state_dict()
 
 
 def restore(payload: dict, model, optimizer, scheduler, sampler, rank: int, world: int, device: torch.device) -> None:
     """Put a loaded checkpoint back into a freshly built (and parallelized) run."""
     if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, payload["model"], options=options)
@@ -160,7 +168,9 @@ def restore(payload: dict, model, optimizer, scheduler, sampler, rank: int, worl
     if len(payload["rng"]) == world:
         set_rng_state(payload["rng"][rank], device)
     else:
-        warnings.warn(f"checkpoint was written by {len(payload['rng'])} ranks, not {world}: RNG streams restart", stacklevel=2)
+        warnings.warn(
+            f"checkpoint was written by {len(payload['rng'])} ranks, not {world}: RNG streams restart", stacklevel=2
+        )
 
 
 def check_compatible(payload: dict, gpt_config: dict, data_sha256: str, path: Path, head: dict | None = None) -> None:
@@ -205,15 +215,20 @@ def write_run_record(out_dir: Path, **fields) -> Path:
     import tokenmill
     from tasks.core.provenance import git_commit
 
-    code = {"tokenmill": tokenmill.__version__, "git_commit": git_commit(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    code = {
+        "tokenmill": tokenmill.__version__,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     path = Path(out_dir) / "run.json"
     write_json(path, {**fields, "code": code})
     return path
 
 
-def warm_start_source(weights: Path, gpt_config: dict | None = None, tokenizer_sha256: str | None = None,
-                      head: dict | None = None) -> WarmStart:
+def warm_start_source(
+    weights: Path, gpt_config: dict | None = None, tokenizer_sha256: str | None = None, head: dict | None = None
+) -> WarmStart:
     """A WarmStart from a weights file; what is not given is read from `model.json` (or the
     registry's `config.json`) beside it."""
     weights = Path(weights)
@@ -286,7 +301,7 @@ def split_classifier_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(backbone state with GPT's own keys, head state) of a classifier's or an LM's weights."""
     if not any(k.startswith(BACKBONE) for k in state):  # a language model: all backbone
         return dict(state), {}
-    backbone = {k[len(BACKBONE):]: v for k, v in state.items() if k.startswith(BACKBONE)}
+    backbone = {k[len(BACKBONE) :]: v for k, v in state.items() if k.startswith(BACKBONE)}
     return backbone, {k: v for k, v in state.items() if not k.startswith(BACKBONE)}
 
 
@@ -318,12 +333,18 @@ def warm_start_classifier(model: torch.nn.Module, source: WarmStart, tokenizer_s
 
 def load_head(model: torch.nn.Module, source: WarmStart, head_state: dict, head: dict | None) -> str:
     """Take a source classifier's head only for the same labels and pooling (the scheduled retrain)."""
-    source_head = {k[len("head."):]: v for k, v in head_state.items() if k.startswith("head.")}
+    source_head = {k[len("head.") :]: v for k, v in head_state.items() if k.startswith("head.")}
     fits = {k: v.shape for k, v in source_head.items()} == {k: v.shape for k, v in model.head.state_dict().items()}
-    same = (source.head is not None and head is not None and list(source.head.get("labels", [])) == list(head["labels"])
-            and source.head.get("pooling") == head.get("pooling"))
+    same = (
+        source.head is not None
+        and head is not None
+        and list(source.head.get("labels", [])) == list(head["labels"])
+        and source.head.get("pooling") == head.get("pooling")
+    )
     if same and fits:
         model.head.load_state_dict(source_head)
         return f"warm start: backbone and head from the classifier {source.weights} (same labels)"
-    return (f"warm start: backbone only from the classifier {source.weights}; it has {describe_head(source.head)}, "
-            f"this run {describe_head(head)}, so the head starts fresh")
+    return (
+        f"warm start: backbone only from the classifier {source.weights}; it has {describe_head(source.head)}, "
+        f"this run {describe_head(head)}, so the head starts fresh"
+    )

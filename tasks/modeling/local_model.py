@@ -38,8 +38,14 @@ def logged_head(head: dict, manifest: dict) -> dict:
     labels = list(head.get("labels") or manifest.get("labels") or [])
     if not labels:
         raise TokenmillError("a classifier's head names no labels; train it on a classify manifest")
-    return {**head, "labels": labels, "n_classes": len(labels), "max_len": int(manifest["row_len"]),
-            "normalize": training_normalization(manifest), "pad_id": PAD_ID}
+    return {
+        **head,
+        "labels": labels,
+        "n_classes": len(labels),
+        "max_len": int(manifest["row_len"]),
+        "normalize": training_normalization(manifest),
+        "pad_id": PAD_ID,
+    }
 
 
 def training_normalization(manifest: dict) -> str:

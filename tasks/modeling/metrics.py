@@ -112,7 +112,9 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(loss)
 
 
-def evaluate_labelled(model, rows: LabelledShardSet, n_rows: int, batch_size: int, device, autocast=None) -> dict[str, float]:
+def evaluate_labelled(
+    model, rows: LabelledShardSet, n_rows: int, batch_size: int, device, autocast=None
+) -> dict[str, float]:
     """Loss and accuracy over `n_rows` documents spread over the split: the periodic check in training."""
     logits, labels = predict_labelled(model, rows, n_rows, batch_size, device, autocast)
     accuracy = float((logits.argmax(axis=1) == labels).mean()) if len(labels) else float("nan")

@@ -50,14 +50,22 @@ def normalized(texts: list[str], form: str) -> list[str]:
 
 
 @torch.no_grad()
-def complete(model, sp, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-             generator: torch.Generator, device: torch.device) -> str:
+def complete(
+    model,
+    sp,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+    device: torch.device,
+) -> str:
     """The sampled continuation of `prompt`, cut at the first end-of-document token."""
     eos = sp.eos_id()
     ids = sp.encode(prompt) or [eos]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    new = out[0, len(ids):].tolist()
+    new = out[0, len(ids) :].tolist()
     if eos in new:
         new = new[: new.index(eos)]
     return sp.decode(new)

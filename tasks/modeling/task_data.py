@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from model import GPT, GPTClassifier, GPTConfig
-from tasks.modeling.metrics import evaluate_labelled, evaluate_rows
 from tasks.core.shards import LabelledShardSet, ShardSet
 from tasks.core.spec import TASKS
+from tasks.modeling.metrics import evaluate_labelled, evaluate_rows
 from tokenmill.errors import TokenmillError
+
 
 def manifest_task(manifest: dict) -> str:
     """The task a manifest's shards were built for; manifests from before tasks are `lm`."""

@@ -25,11 +25,19 @@ from tokenmill.errors import TokenmillError
 
 def doc_rules(corpus: Corpus, data: DataConfig) -> DocRules:
     e = corpus.entry
-    return DocRules(e.format, e.text_field, data.normalize, data.min_chars, data.max_chars, data.on_decode_error, data.on_bad_record)
+    return DocRules(
+        e.format, e.text_field, data.normalize, data.min_chars, data.max_chars, data.on_decode_error, data.on_bad_record
+    )
 
 
-def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path, reuse_sha: str = "",
-               classify: ClassifyConfig | None = None) -> Path:
+def output_dir(
+    corpus: Corpus,
+    tokenizer: TokenizerConfig,
+    data: DataConfig,
+    shards_root: Path,
+    reuse_sha: str = "",
+    classify: ClassifyConfig | None = None,
+) -> Path:
     """Named by everything that decides the content; a reused tokenizer counts by its sha256,
     not by where its file happens to lie. Labelled shards (`classify`) are also named by their
     split rule and row length, and not by the language model's context length."""
@@ -37,14 +45,27 @@ def output_dir(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, sha
     if classify is None:
         key = mf.content_key(mf.FORMAT, corpus.fingerprint, settings, data.model_dump(), reuse_sha or None)
         return Path(shards_root) / f"{corpus.name}-{key[:16]}"
-    key = mf.content_key(mf.FORMAT, "classify", SPLIT_RULE, corpus.fingerprint, settings,
-                         data.model_dump(exclude={"context_len"}), classify.max_len, reuse_sha or None)
+    key = mf.content_key(
+        mf.FORMAT,
+        "classify",
+        SPLIT_RULE,
+        corpus.fingerprint,
+        settings,
+        data.model_dump(exclude={"context_len"}),
+        classify.max_len,
+        reuse_sha or None,
+    )
     return Path(shards_root) / f"{corpus.name}-cls-{key[:16]}"
 
 
-def resolve_output(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, shards_root: Path,
-                   reuse_tokenizer: Path | None, classify: ClassifyConfig | None = None
-                   ) -> tuple[TokenizerConfig, Path | None, Path]:
+def resolve_output(
+    corpus: Corpus,
+    tokenizer: TokenizerConfig,
+    data: DataConfig,
+    shards_root: Path,
+    reuse_tokenizer: Path | None,
+    classify: ClassifyConfig | None = None,
+) -> tuple[TokenizerConfig, Path | None, Path]:
     """The tokenizer settings in force, the tokenizer file to reuse (if any) and the output dir."""
     if reuse_tokenizer is not None:
         tokenizer = tokenizer.model_copy(update={"reuse": str(reuse_tokenizer)})
@@ -80,8 +101,9 @@ class EmptySample(TokenmillError):
     """Not one document of the corpus survived reading and filtering for the tokenizer's sample."""
 
 
-def obtain_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, dirs: list[Path],
-                     reused: Path | None) -> tuple[Path, str]:
+def obtain_tokenizer(
+    corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, dirs: list[Path], reused: Path | None
+) -> tuple[Path, str]:
     """The tokenizer in the output dir: the one `reuse` names, an earlier build's, or a new one."""
     out = dirs[0]
     key = mf.content_key("tokenizer", cfg.model_dump(exclude={"reuse"}), rules.__dict__, seed)
@@ -104,7 +126,10 @@ def obtain_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed
 
 
 def build_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int, out: Path) -> tuple[Path, str]:
-    step(f"training {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on up to {cfg.sample_bytes / 1e6:.1f} MB of {corpus.name}")
+    step(
+        f"training {cfg.model_type} tokenizer (vocab {cfg.vocab_size}) on up to {cfg.sample_bytes / 1e6:.1f} MB "
+        f"of {corpus.name}"
+    )
     sample = tok.sample_sentences([f.path for f in corpus.files], rules, cfg.sample_bytes, seed)
     first = next(sample, None)
     if first is None:
@@ -126,7 +151,8 @@ def build_tokenizer(corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed:
         if stopped:
             raise stopped[0] from None
         raise TokenmillError(
-            f"tokenizer training failed ({exc}); lower tokenizer.vocab_size or raise tokenizer.sample_bytes or use a larger corpus"
+            f"tokenizer training failed ({exc}); lower tokenizer.vocab_size or raise tokenizer.sample_bytes "
+            f"or use a larger corpus"
         ) from None
     if stopped:
         raise stopped[0]
@@ -146,13 +172,23 @@ def check_tokenizer(path: Path) -> None:
 
 def corpus_record(corpus: Corpus) -> dict:
     """The manifest's `corpus` entry."""
-    return {"name": corpus.name, "fingerprint": corpus.fingerprint, "files": len(corpus.files), "bytes": corpus.total_bytes}
+    return {
+        "name": corpus.name,
+        "fingerprint": corpus.fingerprint,
+        "files": len(corpus.files),
+        "bytes": corpus.total_bytes,
+    }
 
 
 def tokenizer_record(tokenizer_path: str, tokenizer_sha256: str, out_dir: str) -> tuple[dict, str]:
     """The manifest's `tokenizer` entry and the shards' token dtype."""
     sp = load_tokenizer(Path(tokenizer_path).read_bytes())
     origin = json.loads((Path(out_dir) / incremental.TOKENIZER_RECORD).read_text())["origin"]
-    entry = {"path": "tokenizer.model", "sha256": tokenizer_sha256, "vocab_size": sp.get_piece_size(),
-             "eos_id": sp.eos_id(), "origin": origin}
+    entry = {
+        "path": "tokenizer.model",
+        "sha256": tokenizer_sha256,
+        "vocab_size": sp.get_piece_size(),
+        "eos_id": sp.eos_id(),
+        "origin": origin,
+    }
     return entry, str(token_dtype(sp.get_piece_size()))

@@ -21,8 +21,15 @@ from tasks.preprocess import incremental
 from tasks.preprocess.base import corpus_record, doc_rules, obtain_tokenizer, remove_stale_temp_files, tokenizer_record
 from tasks.preprocess.cluster import dask_client, local_workers, planned_workers
 from tasks.preprocess.documents import FIXES, LabelRules, Tally
-from tasks.preprocess.labelled import (LabelledEncodeSpec, LabelledSource, ScanResult, Selection,
-                                       encode_labelled_partition, scan_partition, select_documents)
+from tasks.preprocess.labelled import (
+    LabelledEncodeSpec,
+    LabelledSource,
+    ScanResult,
+    Selection,
+    encode_labelled_partition,
+    scan_partition,
+    select_documents,
+)
 from tasks.preprocess.partitions import Partition, plan_partitions
 from tasks.preprocess.report import summarize
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
@@ -40,8 +47,16 @@ def labelled_source(corpus: Corpus, data: DataConfig) -> LabelledSource:
     return LabelledSource(rules, labels, file_labels)
 
 
-def build_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, classify: ClassifyConfig, out: Path,
-                   reused: Path | None, dask_address: str | None, n_workers: int | None) -> Path:
+def build_labelled(
+    corpus: Corpus,
+    tokenizer: TokenizerConfig,
+    data: DataConfig,
+    classify: ClassifyConfig,
+    out: Path,
+    reused: Path | None,
+    dask_address: str | None,
+    n_workers: int | None,
+) -> Path:
     """Tokenizer, labelled shards and, last, the manifest in `out`; returns the manifest's path."""
     manifest_path = out / mf.MANIFEST
     started = time.time()
@@ -64,7 +79,9 @@ def build_labelled(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig,
 
 def scan_pass(client, parts: list[Partition], source: LabelledSource) -> list[ScanResult]:
     step(f"label pass: reading {len(parts)} partitions on {planned_workers(client)} Dask workers")
-    futures = [client.submit(scan_partition, p, _for_partition(source, p), priority=p.nbytes, pure=False) for p in parts]
+    futures = [
+        client.submit(scan_partition, p, _for_partition(source, p), priority=p.nbytes, pure=False) for p in parts
+    ]
     return sorted(client.gather(futures), key=lambda s: s.index)
 
 
@@ -82,15 +99,19 @@ def select(corpus: Corpus, scans: list[ScanResult], val_fraction: float) -> Sele
     require_labels_in_files(corpus, scans)
     if not sum(len(s.hashes) for s in scans):
         why = "; ".join(f"{r}: {t}" for r, t in tally.problems().items()) or "every file is empty"
-        raise TokenmillError(f"corpus '{corpus.name}' has no usable labelled documents in {len(corpus.files)} files ({why})")
+        raise TokenmillError(
+            f"corpus '{corpus.name}' has no usable labelled documents in {len(corpus.files)} files ({why})"
+        )
     selection = select_documents(scans, corpus.entry.labels, val_fraction)
     tally.update(selection.tally)
     selection.tally = tally
     present = [n for n, k in selection.counts("train").items() if k + selection.counts("val")[n]]
     if len(present) < 2:
         only = f"only one label '{present[0]}'" if present else "no labels"
-        raise TokenmillError(f"corpus '{corpus.name}' has {only} after filtering; a classifier needs at least two: "
-                             "check the entry's labels and label_field, or add documents of other classes")
+        raise TokenmillError(
+            f"corpus '{corpus.name}' has {only} after filtering; a classifier needs at least two: "
+            "check the entry's labels and label_field, or add documents of other classes"
+        )
     report_labels(corpus, selection, present)
     return selection
 
@@ -105,8 +126,10 @@ def require_labels_in_files(corpus: Corpus, scans: list[ScanResult]) -> None:
             total[1] += labelled
     for path, (records, labelled) in sorted(seen.items()):
         if records and not labelled:
-            raise TokenmillError(f"labels absent from {path}: no record has field '{corpus.entry.label_field}'; "
-                                 "set the entry's label_field to the field that holds the label")
+            raise TokenmillError(
+                f"labels absent from {path}: no record has field '{corpus.entry.label_field}'; "
+                "set the entry's label_field to the field that holds the label"
+            )
 
 
 def report_labels(corpus: Corpus, selection: Selection, present: list[str]) -> None:
@@ -117,14 +140,25 @@ def report_labels(corpus: Corpus, selection: Selection, present: list[str]) -> N
             step(f"[yellow]{reason}[/]: {counts[reason]} documents (first: {first.get(reason, '?')}); {FIXES[reason]}")
     empty = [n for n in selection.names if n not in present]
     if empty:
-        step(f"[yellow]labels without documents[/]: {', '.join(empty)} (declared in the catalog entry of {corpus.name})")
+        step(
+            f"[yellow]labels without documents[/]: {', '.join(empty)} (declared in the catalog entry of {corpus.name})"
+        )
 
 
 def encode_pass(client, parts: list[Partition], selection: Selection, spec: LabelledEncodeSpec) -> list[dict]:
     step(f"encoding {len(parts)} partitions, one row of up to {spec.max_len} tokens per document")
-    futures = [client.submit(encode_labelled_partition, p, ids, val, replace(spec, source=_for_partition(spec.source, p)),
-                             priority=p.nbytes, pure=False)
-               for p, ids, val in zip(parts, selection.label_ids, selection.val)]
+    futures = [
+        client.submit(
+            encode_labelled_partition,
+            p,
+            ids,
+            val,
+            replace(spec, source=_for_partition(spec.source, p)),
+            priority=p.nbytes,
+            pure=False,
+        )
+        for p, ids, val in zip(parts, selection.label_ids, selection.val)
+    ]
     return sorted(client.gather(futures), key=lambda r: r["index"])
 
 
@@ -135,8 +169,10 @@ def assemble_manifest(corpus, tokenizer, data, classify, spec, parts, selection,
     shards = [s for r in results for s in r["shards"]]
     for split in ("train", "val"):
         if not any(s["split"] == split for s in shards):
-            raise TokenmillError(f"corpus '{corpus.name}' left no {split} documents; every class needs at least two "
-                                 "documents (add data or check the labels)")
+            raise TokenmillError(
+                f"corpus '{corpus.name}' left no {split} documents; every class needs at least two "
+                "documents (add data or check the labels)"
+            )
     stats.update(selection.tally.counts)
     stats["docs_out"] = stats["docs_train"] + stats["docs_val"]
     stats["duplicates"] = stats["dropped_duplicate"]
@@ -155,8 +191,12 @@ def assemble_manifest(corpus, tokenizer, data, classify, spec, parts, selection,
         "label_counts": {split: selection.counts(split) for split in ("train", "val")},
         "shards": shards,
         "partitions": [{"index": p.index, "pieces": len(p.pieces), "bytes": p.nbytes} for p in parts],
-        "config": {"tokenizer": tokenizer.model_dump(), "data": data.model_dump(), "classify": classify.model_dump(),
-                   "entry": corpus.entry.model_dump()},
+        "config": {
+            "tokenizer": tokenizer.model_dump(),
+            "data": data.model_dump(),
+            "classify": classify.model_dump(),
+            "entry": corpus.entry.model_dump(),
+        },
         "stats": {k: v for k, v in stats.items() if v or not k.startswith("dropped_")},
         "problems": selection.tally.problems(),
     }

@@ -1,8 +1,9 @@
 """A Dask client: an existing scheduler when an address is given, else a LocalCluster.
 
 `client_in_background` starts it in a thread, so the caller can do its own set-up (train a
-tokenizer, look up cached work) while the worker processes start. On a remote cluster the workers must have tokenmill installed and see the state dir
-(shared storage), because they read the corpus and write shards themselves.
+tokenizer, look up cached work) while the worker processes start. On a remote cluster the
+workers must have tokenmill installed and see the state dir (shared storage), because they
+read the corpus and write shards themselves.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     # Prefect's logging setup turns distributed's INFO chatter back on; progress is ours to show,
     # unless `tokenmill --verbose` asked for the frameworks' logs.
     level = logging.INFO if verbose() else logging.ERROR
-    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.worker", "distributed.core", "distributed.http.proxy"):
+    for name in (
+        "distributed",
+        "distributed.scheduler",
+        "distributed.nanny",
+        "distributed.worker",
+        "distributed.core",
+        "distributed.http.proxy",
+    ):
         logging.getLogger(name).setLevel(level)
     if address:
         with Client(address, timeout="30s") as client:
@@ -69,13 +77,17 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
     # The cluster starts empty and is scaled up without waiting, so the first worker takes
     # work while the others are still starting (16 workers take ~3 s to come up).
-    with dask.config.set({**QUIET_WORKERS, **start_method_config(workers)}), LocalCluster(
-        n_workers=0,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=level,
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({**QUIET_WORKERS, **start_method_config(workers)}),
+        LocalCluster(
+            n_workers=0,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=level,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         cluster.scale(workers)
         try:
             client.wait_for_workers(1, timeout=WORKER_START_TIMEOUT)

@@ -98,8 +98,14 @@ def read_documents(piece: Piece | str, rules: DocRules, tally: Tally) -> Iterato
         yield doc
 
 
-def read_labelled(piece: Piece | str, rules: DocRules, labels: LabelRules, tally: Tally,
-                  file_label: str | None = None, seen: dict[str, list[int]] | None = None) -> Iterator[tuple[str, str]]:
+def read_labelled(
+    piece: Piece | str,
+    rules: DocRules,
+    labels: LabelRules,
+    tally: Tally,
+    file_label: str | None = None,
+    seen: dict[str, list[int]] | None = None,
+) -> Iterator[tuple[str, str]]:
     """(document, label) pairs of a piece; documents without a usable or known label are counted
     and dropped. `seen[path]` counts [records read, records with a label field] per file."""
     for doc, raw, where in _documents(piece, rules, tally, labels.field, seen):
@@ -128,8 +134,13 @@ def label_name(raw: object, where: str, rules: DocRules, tally: Tally) -> str | 
     return None
 
 
-def _documents(piece: Piece | str, rules: DocRules, tally: Tally, label_field: str | None = None,
-               seen: dict[str, list[int]] | None = None) -> Iterator[tuple[str, object, str]]:
+def _documents(
+    piece: Piece | str,
+    rules: DocRules,
+    tally: Tally,
+    label_field: str | None = None,
+    seen: dict[str, list[int]] | None = None,
+) -> Iterator[tuple[str, object, str]]:
     """(document, raw label, where) of a piece; the label is read only when `label_field` is set."""
     piece = Piece(piece) if isinstance(piece, str) else piece
     fmt = file_format(piece.path, rules.format)
@@ -167,11 +178,15 @@ def _documents(piece: Piece | str, rules: DocRules, tally: Tally, label_field: s
 def _file_problem(item: FileProblem, rules: DocRules, tally: Tally, label_field: str | None = None) -> None:
     if item.reason == "missing_label_column":
         path = item.where.split(" has no column", 1)[0]
-        raise TokenmillError(f"labels absent from {path}: {item.where.removeprefix(path + ' has ')}; "
-                             f"set the entry's label_field to the column that holds the label")
+        raise TokenmillError(
+            f"labels absent from {path}: {item.where.removeprefix(path + ' has ')}; "
+            f"set the entry's label_field to the column that holds the label"
+        )
     if item.reason == "bad_label_type":
-        raise TokenmillError(f"{item.where}, not string or integer; store the labels as strings or integers "
-                             f"or set the entry's label_field to the column that holds them")
+        raise TokenmillError(
+            f"{item.where}, not string or integer; store the labels as strings or integers "
+            f"or set the entry's label_field to the column that holds them"
+        )
     reason = {"binary": "files_skipped_binary", "missing_column": "files_missing_column"}.get(item.reason)
     reason = reason or f"files_{item.reason}"
     if reason == "files_missing_column" and rules.on_bad_record == "fail":

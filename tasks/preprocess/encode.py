@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from tasks.core.atomic import write_bytes, write_json
-from tasks.preprocess.documents import DocRules, Tally, doc_hash, is_val, read_documents
 from tasks.core.manifest import FORMAT, content_key
-from tasks.preprocess.partitions import Partition
 from tasks.core.shards import pack_rows, read_rows, write_shard, write_split
-from tasks.core.tokenizer import worker_tokenizer
-from tasks.core.tokenizer import token_dtype
+from tasks.core.tokenizer import token_dtype, worker_tokenizer
+from tasks.preprocess.documents import DocRules, Tally, doc_hash, is_val, read_documents
+from tasks.preprocess.partitions import Partition
 
 ENCODE_BATCH_DOCS = 1024
 ENCODE_BATCH_CHARS = 1 << 20
@@ -64,8 +64,15 @@ class PartitionResult:
     hashes: np.ndarray | None = None  # every document's hash, in reading order; not recorded
 
     def to_json(self) -> dict:
-        return {"index": self.index, "key": self.key, "shards": self.shards, "stats": dict(self.stats),
-                "first": self.first, "reused": self.reused, "repacked": self.repacked}
+        return {
+            "index": self.index,
+            "key": self.key,
+            "shards": self.shards,
+            "stats": dict(self.stats),
+            "first": self.first,
+            "reused": self.reused,
+            "repacked": self.repacked,
+        }
 
     def hash_result(self) -> HashResult:
         """What `hash_partition` would have returned for this partition (the result of a first pass)."""
@@ -73,8 +80,15 @@ class PartitionResult:
 
     @classmethod
     def from_json(cls, obj: dict) -> PartitionResult:
-        return cls(obj["index"], obj["key"], obj["shards"], Counter(obj["stats"]), obj.get("first", {}), obj.get("reused", False),
-                   obj.get("repacked", False))
+        return cls(
+            obj["index"],
+            obj["key"],
+            obj["shards"],
+            Counter(obj["stats"]),
+            obj.get("first", {}),
+            obj.get("reused", False),
+            obj.get("repacked", False),
+        )
 
 
 @dataclass
@@ -98,7 +112,9 @@ def encode_key(skey: str, drops: np.ndarray, spec: EncodeSpec) -> str:
 def hash_partition(part: Partition, rules: DocRules, dest: str | None = None) -> HashResult:
     """The 64-bit hash of every kept document of the partition, in reading order; cached at `dest`."""
     tally = Tally()
-    hashes = np.array([doc_hash(doc) for piece in part.pieces for doc in read_documents(piece, rules, tally)], np.uint64)
+    hashes = np.array(
+        [doc_hash(doc) for piece in part.pieces for doc in read_documents(piece, rules, tally)], np.uint64
+    )
     if dest:
         save_hashes(Path(dest), hashes, tally)
     return HashResult(part.index, hashes, tally)
@@ -168,8 +184,9 @@ class _SplitStreams:
         return np.concatenate(chunks) if chunks else np.empty(0, dtype=self.dtype)
 
 
-def encode_partition(part: Partition, drop: np.ndarray | None, spec: EncodeSpec, key: str = "",
-                     hashes_dest: str | None = None) -> PartitionResult:
+def encode_partition(
+    part: Partition, drop: np.ndarray | None, spec: EncodeSpec, key: str = "", hashes_dest: str | None = None
+) -> PartitionResult:
     """Read, filter, dedup, split, encode and pack one partition; write its shards, then its record.
 
     `drop` lists the positions of documents seen earlier in the corpus. None means they are
@@ -200,8 +217,14 @@ def encode_partition(part: Partition, drop: np.ndarray | None, spec: EncodeSpec,
     return result
 
 
-def _encode_documents(part: Partition, drop: np.ndarray | None, spec: EncodeSpec, tally: Tally,
-                      streams: _SplitStreams, result: PartitionResult) -> np.ndarray:
+def _encode_documents(
+    part: Partition,
+    drop: np.ndarray | None,
+    spec: EncodeSpec,
+    tally: Tally,
+    streams: _SplitStreams,
+    result: PartitionResult,
+) -> np.ndarray:
     """Feed the partition's kept documents to `streams`; the hashes of all its documents, in order."""
     hashes: list[int] = []
     seen: set[int] = set()
@@ -231,8 +254,12 @@ def _save_spans(dest: Path, streams: _SplitStreams, token_streams: dict[str, np.
     arrays = {}
     for split, stream in token_streams.items():
         positions, lengths, sizes = streams.spans[split]
-        arrays |= {f"{split}_positions": np.array(positions, np.int64), f"{split}_tokens": np.array(lengths, np.int64),
-                   f"{split}_bytes": np.array(sizes, np.int64), f"{split}_tail": stream[_packed(len(stream), row_len):]}
+        arrays |= {
+            f"{split}_positions": np.array(positions, np.int64),
+            f"{split}_tokens": np.array(lengths, np.int64),
+            f"{split}_bytes": np.array(sizes, np.int64),
+            f"{split}_tail": stream[_packed(len(stream), row_len) :],
+        }
     # read back only by this run, so an atomic rename without fsync is enough
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -277,7 +304,14 @@ def _write_split(index: int, split: str, stream: np.ndarray, spec: EncodeSpec, r
     if not len(rows):
         return
     meta = {"tokenizer_sha256": spec.tokenizer_sha256, "row_len": spec.row_len}
-    result.shards.append(write_split(spec.out_dir, split, index, meta, len(rows), rows.size,
-                                     lambda tmp, metadata: write_shard(tmp, rows, metadata)))
-
-
+    result.shards.append(
+        write_split(
+            spec.out_dir,
+            split,
+            index,
+            meta,
+            len(rows),
+            rows.size,
+            lambda tmp, metadata: write_shard(tmp, rows, metadata),
+        )
+    )

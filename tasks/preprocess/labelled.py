@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from tasks.core.shards import PAD_ID, write_labelled_shard, write_split
+from tasks.core.tokenizer import token_dtype, worker_tokenizer
 from tasks.preprocess.documents import DocRules, LabelRules, Tally, doc_hash, read_labelled
 from tasks.preprocess.partitions import Partition
-from tasks.core.shards import PAD_ID, write_labelled_shard, write_split
-from tasks.core.tokenizer import worker_tokenizer
-from tasks.core.tokenizer import token_dtype
 from tokenmill.errors import TokenmillError
 
 ENCODE_BATCH_DOCS = 512
@@ -106,8 +106,9 @@ def _flatten(scans: list[ScanResult]) -> tuple[list[str], np.ndarray, np.ndarray
     observed = sorted({n for s in scans for n in s.names})
     index = {n: i for i, n in enumerate(observed)}
     hashes = np.concatenate([np.empty(0, np.uint64), *(s.hashes for s in scans)])
-    labels = np.concatenate([np.empty(0, np.int32),
-                             *(np.array([index[n] for n in s.names] + [0], np.int32)[s.codes] for s in scans)])
+    labels = np.concatenate(
+        [np.empty(0, np.int32), *(np.array([index[n] for n in s.names] + [0], np.int32)[s.codes] for s in scans)]
+    )
     return observed, hashes, labels
 
 
@@ -123,7 +124,9 @@ def dedup(hashes: np.ndarray, labels: np.ndarray, names: list[str]) -> tuple[np.
     if conflict.any():
         k = int(np.flatnonzero(conflict)[0])
         tally.counts["dropped_label_conflict"] = int(conflict.sum())
-        tally.first["dropped_label_conflict"] = f"a text labelled '{names[labels[winner[k]]]}' repeated as '{names[labels[k]]}'"
+        tally.first["dropped_label_conflict"] = (
+            f"a text labelled '{names[labels[winner[k]]]}' repeated as '{names[labels[k]]}'"
+        )
     return repeat, tally
 
 
@@ -170,8 +173,9 @@ class _Rows:
     row_labels: list[int] = field(default_factory=list)
 
 
-def encode_labelled_partition(part: Partition, label_ids: np.ndarray, val: np.ndarray,
-                              spec: LabelledEncodeSpec) -> dict:
+def encode_labelled_partition(
+    part: Partition, label_ids: np.ndarray, val: np.ndarray, spec: LabelledEncodeSpec
+) -> dict:
     """Encode, truncate and pad the partition's kept documents; write `train-`/`val-NNNNN.arrow`.
     Returns {index, shards, stats}. Reads exactly the documents the scan read, or stops."""
     sp = worker_tokenizer(spec.tokenizer_path, spec.tokenizer_sha256)
@@ -201,7 +205,9 @@ def encode_labelled_partition(part: Partition, label_ids: np.ndarray, val: np.nd
 
 
 def _changed(part: Partition) -> TokenmillError:
-    return TokenmillError(f"files of partition {part.index} ({part.paths[0]}, ...) changed while preprocessing; run again")
+    return TokenmillError(
+        f"files of partition {part.index} ({part.paths[0]}, ...) changed while preprocessing; run again"
+    )
 
 
 def _encode_batch(sp, r: _Rows, max_len: int, dtype, stats: Counter) -> None:
@@ -226,6 +232,12 @@ def _encode_batch(sp, r: _Rows, max_len: int, dtype, stats: Counter) -> None:
 def _write_split(index: int, split: str, r: _Rows, spec: LabelledEncodeSpec, dtype) -> dict:
     tokens = np.stack(r.tokens).astype(dtype, copy=False)  # (N, max_len)
     meta = {"tokenizer_sha256": spec.tokenizer_sha256, "row_len": spec.max_len}
-    return write_split(spec.out_dir, split, index, meta, len(r.lengths), sum(r.lengths),
-                       lambda tmp, metadata: write_labelled_shard(tmp, tokens, np.array(r.lengths),
-                                                                  np.array(r.row_labels), metadata))
+    return write_split(
+        spec.out_dir,
+        split,
+        index,
+        meta,
+        len(r.lengths),
+        sum(r.lengths),
+        lambda tmp, metadata: write_labelled_shard(tmp, tokens, np.array(r.lengths), np.array(r.row_labels), metadata),
+    )

@@ -20,8 +20,15 @@ from data_catalog.loader import Corpus
 from tasks.core import manifest as mf
 from tasks.core.atomic import write_json
 from tasks.preprocess import encode, incremental
-from tasks.preprocess.base import (EmptySample, Stopwatch, corpus_record, doc_rules, obtain_tokenizer,
-                                   remove_stale_temp_files, tokenizer_record)
+from tasks.preprocess.base import (
+    EmptySample,
+    Stopwatch,
+    corpus_record,
+    doc_rules,
+    obtain_tokenizer,
+    remove_stale_temp_files,
+    tokenizer_record,
+)
 from tasks.preprocess.cluster import client_in_background, local_workers, planned_workers
 from tasks.preprocess.documents import DocRules, Tally
 from tasks.preprocess.partitions import Partition, plan_partitions
@@ -31,8 +38,15 @@ from tokenmill.console import step
 from tokenmill.errors import TokenmillError
 
 
-def build_shards(corpus: Corpus, tokenizer: TokenizerConfig, data: DataConfig, out: Path, reused: Path | None,
-                 dask_address: str | None, n_workers: int | None) -> Path:
+def build_shards(
+    corpus: Corpus,
+    tokenizer: TokenizerConfig,
+    data: DataConfig,
+    out: Path,
+    reused: Path | None,
+    dask_address: str | None,
+    n_workers: int | None,
+) -> Path:
     """Tokenizer, shards and, last, the manifest in `out`; returns the manifest's path."""
     manifest_path = out / mf.MANIFEST
     started = time.time()
@@ -78,7 +92,9 @@ def cached_hashes(parts: list[Partition], rules: DocRules, dirs: list[Path]) -> 
 def hash_pass(client, parts: list[Partition], rules: DocRules, dirs: list[Path]) -> list[encode.HashResult]:
     """Every partition's document hashes: from a cache where the partition's input is unchanged."""
     done = cached_hashes(parts, rules, dirs)
-    todo = [(p, str(dirs[0] / encode.HASHES / f"{encode.source_key(p, rules)}.npz")) for p in parts if p.index not in done]
+    todo = [
+        (p, str(dirs[0] / encode.HASHES / f"{encode.source_key(p, rules)}.npz")) for p in parts if p.index not in done
+    ]
     if todo:
         futures = largest_first(client, encode.hash_partition, [(p, rules, dest) for p, dest in todo])
         for r in client.gather(futures):
@@ -97,8 +113,16 @@ def require_documents(corpus: Corpus, hashes: list[encode.HashResult]) -> None:
     raise TokenmillError(f"corpus '{corpus.name}' has no usable documents in {len(corpus.files)} files ({why})")
 
 
-def tokenizer_or_reason(connect, corpus: Corpus, rules: DocRules, cfg: TokenizerConfig, seed: int,
-                        dirs: list[Path], reused: Path | None, parts: list[Partition]) -> tuple[Path, str]:
+def tokenizer_or_reason(
+    connect,
+    corpus: Corpus,
+    rules: DocRules,
+    cfg: TokenizerConfig,
+    seed: int,
+    dirs: list[Path],
+    reused: Path | None,
+    parts: list[Partition],
+) -> tuple[Path, str]:
     """`obtain_tokenizer`; when there was nothing to train it on, why each file gave no document."""
     try:
         return obtain_tokenizer(corpus, rules, cfg, seed, dirs, reused)
@@ -107,7 +131,9 @@ def tokenizer_or_reason(connect, corpus: Corpus, rules: DocRules, cfg: Tokenizer
         raise
 
 
-def first_pass(connect, todo: list[Partition], spec: encode.EncodeSpec, n_parts: int) -> dict[int, encode.PartitionResult]:
+def first_pass(
+    connect, todo: list[Partition], spec: encode.EncodeSpec, n_parts: int
+) -> dict[int, encode.PartitionResult]:
     """Hash, encode and write the partitions whose hashes are not cached yet, each guessing that it
     repeats no document of an earlier partition; each is read once, and its hashes cached."""
     if not todo:
@@ -121,8 +147,14 @@ def first_pass(connect, todo: list[Partition], spec: encode.EncodeSpec, n_parts:
     return {r.index: r for r in encode_progress(futures, {p.index: p.nbytes for p in todo})}
 
 
-def settle_pass(connect, parts: list[Partition], hashes: list[encode.HashResult], guessed: dict[int, encode.PartitionResult],
-                spec: encode.EncodeSpec, dirs: list[Path]) -> list[encode.PartitionResult]:
+def settle_pass(
+    connect,
+    parts: list[Partition],
+    hashes: list[encode.HashResult],
+    guessed: dict[int, encode.PartitionResult],
+    spec: encode.EncodeSpec,
+    dirs: list[Path],
+) -> list[encode.PartitionResult]:
     """Every partition's shards with the corpus-wide dedup: a first-pass guess where it holds, else
     that guess repacked without the repeats, else a finished partition with the right encode
     key, else encoded."""
@@ -141,10 +173,15 @@ def settle_pass(connect, parts: list[Partition], hashes: list[encode.HashResult]
             results.append(found)
         else:
             encode_again.append((part, drop, spec, key))
-    step(f"dedup across partitions: {len(repack)} partitions repacked, {len(encode_again)} encoded, "
-         f"{sum(r.reused for r in results)} reused")
+    step(
+        f"dedup across partitions: {len(repack)} partitions repacked, {len(encode_again)} encoded, "
+        f"{sum(r.reused for r in results)} reused"
+    )
     nbytes = {p.index: p.nbytes for p in parts}
-    for fn, calls, label in ((encode.drop_repeats, repack, "repacking"), (encode.encode_partition, encode_again, "encoding")):
+    for fn, calls, label in (
+        (encode.drop_repeats, repack, "repacking"),
+        (encode.encode_partition, encode_again, "encoding"),
+    ):
         if calls:
             futures = largest_first(connect(), fn, calls, [nbytes[c[0].index] for c in calls])
             results += encode_progress(futures, nbytes, label)
@@ -188,8 +225,14 @@ def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: fl
         "dtype": dtype,
         "shards": shards,
         "partitions": [
-            {"index": p.index, "key": r.key, "pieces": len(p.pieces), "bytes": p.nbytes, "reused": r.reused,
-             "repacked": r.repacked}
+            {
+                "index": p.index,
+                "key": r.key,
+                "pieces": len(p.pieces),
+                "bytes": p.nbytes,
+                "reused": r.reused,
+                "repacked": r.repacked,
+            }
             for p, r in zip(parts, results)
         ],
         "config": {"tokenizer": tokenizer.model_dump(), "data": data.model_dump(), "entry": corpus.entry.model_dump()},

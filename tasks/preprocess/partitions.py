@@ -74,8 +74,10 @@ def row_group_bytes(path: str) -> list[int]:
             meta = pq.ParquetFile(raw).metadata
     except (OSError, pa.ArrowException):
         return []
-    return [sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
-            for g in range(meta.num_row_groups)]
+    return [
+        sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+        for g in range(meta.num_row_groups)
+    ]
 
 
 def plan_partitions(files: list[SourceFile], fmt: str, target_bytes: int) -> list[Partition]:

@@ -28,7 +28,9 @@ def encode_progress(futures: list, nbytes: dict[int, int], label: str = "encodin
             done_bytes += nbytes[result.index]
             tokens += result.stats["tokens"]
             elapsed = max(time.time() - started, 1e-6)
-            bar.update(job, advance=1, rate=f"{done_bytes / elapsed / 1e6:.1f} MB/s {tokens / elapsed / 1e3:.0f}k tok/s")
+            bar.update(
+                job, advance=1, rate=f"{done_bytes / elapsed / 1e6:.1f} MB/s {tokens / elapsed / 1e3:.0f}k tok/s"
+            )
     return results
 
 
@@ -41,13 +43,19 @@ def summarize_tokens(manifest: dict) -> None:
     """Documents in and out, what was dropped and why, tokens, reuse and time."""
     s = manifest["stats"]
     say = lambda line: console.print(line, soft_wrap=True, highlight=False)  # noqa: E731
-    say(f"[bold green]preprocessed[/] {manifest['corpus']['name']}: {s.get('docs_in', 0)} documents in, "
+    say(
+        f"[bold green]preprocessed[/] {manifest['corpus']['name']}: {s.get('docs_in', 0)} documents in, "
         f"{s.get('docs_out', 0)} out ({s.get('docs_train', 0)} train, {s.get('docs_val', 0)} val), "
-        f"{s.get('duplicates', 0)} duplicates")
-    say(f"  tokens     {s.get('tokens', 0):,} ({s.get('bytes_per_token', 0)} bytes/token), "
-        f"{sum(x['rows'] for x in manifest['shards']):,} rows of {manifest['row_len']}")
-    say(f"  partitions {s.get('partitions', 0)} ({s.get('partitions_reused', 0)} reused, "
-        f"{s.get('partitions_repacked', 0)} repacked without cross-partition duplicates), {s.get('seconds', 0)} s")
+        f"{s.get('duplicates', 0)} duplicates"
+    )
+    say(
+        f"  tokens     {s.get('tokens', 0):,} ({s.get('bytes_per_token', 0)} bytes/token), "
+        f"{sum(x['rows'] for x in manifest['shards']):,} rows of {manifest['row_len']}"
+    )
+    say(
+        f"  partitions {s.get('partitions', 0)} ({s.get('partitions_reused', 0)} reused, "
+        f"{s.get('partitions_repacked', 0)} repacked without cross-partition duplicates), {s.get('seconds', 0)} s"
+    )
     for reason, text in manifest.get("problems", {}).items():
         say(f"  [yellow]{reason}[/] {text}")
 
@@ -56,12 +64,17 @@ def summarize_labelled(manifest: dict) -> None:
     """Documents in and out, the classes with their train/val counts, truncation."""
     s = manifest["stats"]
     say = lambda line: console.print(line, soft_wrap=True, highlight=False)  # noqa: E731
-    say(f"[bold green]preprocessed[/] {manifest['corpus']['name']} for classification: {s.get('docs_in', 0)} documents in, "
+    say(
+        f"[bold green]preprocessed[/] {manifest['corpus']['name']} for classification: "
+        f"{s.get('docs_in', 0)} documents in, "
         f"{s.get('docs_out', 0)} out ({s.get('docs_train', 0)} train, {s.get('docs_val', 0)} val), "
-        f"{s.get('duplicates', 0)} duplicates")
+        f"{s.get('duplicates', 0)} duplicates"
+    )
     train, val = manifest["label_counts"]["train"], manifest["label_counts"]["val"]
     say(f"  labels     {len(manifest['labels'])}: " + ", ".join(f"{n} {train[n]}/{val[n]}" for n in manifest["labels"]))
-    say(f"  tokens     {s.get('tokens', 0):,} in rows of {manifest['row_len']}; {s.get('docs_truncated', 0)} documents "
-        f"truncated ({s.get('tokens_truncated', 0):,} tokens cut)")
+    say(
+        f"  tokens     {s.get('tokens', 0):,} in rows of {manifest['row_len']}; {s.get('docs_truncated', 0)} documents "
+        f"truncated ({s.get('tokens_truncated', 0):,} tokens cut)"
+    )
     for reason, text in manifest.get("problems", {}).items():
         say(f"  [yellow]{reason}[/] {text}")

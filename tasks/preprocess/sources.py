@@ -2,9 +2,9 @@
 
 A piece is a whole file or, for large uncompressed line-based files (lines, jsonl), a byte
 range: it owns every line that starts inside it, so ranges cut at any byte still give each
-line to exactly one piece. A piece of a Parquet file is a range of its row groups. Files are local paths or fsspec URLs, decompressed by extension
-(.gz, .bz2, .zst). No record is ever longer than `limit` bytes in memory: a longer one is
-skipped in chunks and reported as `TooLong`.
+line to exactly one piece. A piece of a Parquet file is a range of its row groups. Files are
+local paths or fsspec URLs, decompressed by extension (.gz, .bz2, .zst). No record is ever
+longer than `limit` bytes in memory: a longer one is skipped in chunks and reported as `TooLong`.
 
     for record in read_records(Piece("/data/a.jsonl.gz"), "jsonl", limit=8_000_000):
         ...
@@ -106,8 +106,9 @@ def open_stream(path: str) -> BinaryIO:
     return raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
 
 
-def read_records(piece: Piece, fmt: str, limit: int, column: str = "text",
-                 label_column: str | None = None) -> Iterator[Record | TooLong | FileProblem]:
+def read_records(
+    piece: Piece, fmt: str, limit: int, column: str = "text", label_column: str | None = None
+) -> Iterator[Record | TooLong | FileProblem]:
     """The records of a piece in file order, with problems reported in line. `column`: Parquet's
     text column; `label_column`: Parquet's label column, read into each Record's label."""
     if fmt == "parquet":
@@ -209,8 +210,9 @@ def _paragraphs(f: BinaryIO, path: str, limit: int) -> Iterator[Record | TooLong
             buf.append(line)
 
 
-def _parquet_records(piece: Piece, limit: int, column: str,
-                     label_column: str | None) -> Iterator[Record | TooLong | FileProblem]:
+def _parquet_records(
+    piece: Piece, limit: int, column: str, label_column: str | None
+) -> Iterator[Record | TooLong | FileProblem]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -238,7 +240,9 @@ def _parquet_problem(pf, path: str, column: str, label_column: str | None) -> Fi
     if column not in names:
         return FileProblem("missing_column", f"{path} has no column '{column}' (columns: {', '.join(names)})")
     if label_column is not None and label_column not in names:
-        return FileProblem("missing_label_column", f"{path} has no column '{label_column}' (columns: {', '.join(names)})")
+        return FileProblem(
+            "missing_label_column", f"{path} has no column '{label_column}' (columns: {', '.join(names)})"
+        )
     if label_column is not None:
         kind = schema.field(label_column).type
         value = kind.value_type if pa.types.is_dictionary(kind) else kind
@@ -253,8 +257,7 @@ def parquet_row_groups(piece: Piece, n_groups: int) -> range:
     return range(piece.start, n_groups if piece.end is None else min(piece.end, n_groups))
 
 
-def _parquet_rows(pf, piece: Piece, limit: int, column: str,
-                  label_column: str | None) -> Iterator[Record | TooLong]:
+def _parquet_rows(pf, piece: Piece, limit: int, column: str, label_column: str | None) -> Iterator[Record | TooLong]:
     """Rows of the text column; a row whose value is not a string is a Record with data None.
     Rows are numbered from the start of the file, whichever row groups the piece holds."""
     groups = parquet_row_groups(piece, pf.metadata.num_row_groups)

@@ -46,15 +46,28 @@ def verified_manifest_key(context, parameters: dict) -> str | None:
     if parameters.get("refresh"):
         return None
     classify = labelled_settings(parameters.get("task", "lm"), parameters.get("classify"))
-    _, _, out = resolve_output(parameters["corpus"], parameters["tokenizer"], parameters["data"],
-                               parameters["shards_root"], parameters.get("reuse_tokenizer"), classify)
+    _, _, out = resolve_output(
+        parameters["corpus"],
+        parameters["tokenizer"],
+        parameters["data"],
+        parameters["shards_root"],
+        parameters.get("reuse_tokenizer"),
+        classify,
+    )
     manifest = out / mf.MANIFEST
     return f"preprocess-{out.name}-{sha256_file(manifest)[:16]}" if mf.verify(manifest) else None
 
 
-@task(name="preprocess", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
-      retry_condition_fn=retry_transient, cache_key_fn=verified_manifest_key, persist_result=True,
-      result_serializer="json")
+@task(
+    name="preprocess",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_key_fn=verified_manifest_key,
+    persist_result=True,
+    result_serializer="json",
+)
 def preprocess_corpus(
     corpus: Corpus,
     tokenizer: TokenizerConfig,
@@ -73,8 +86,10 @@ def preprocess_corpus(
     `classify` task the corpus is labelled and becomes one padded row per document."""
     classify = labelled_settings(task, classify)
     if classify is not None and not corpus.entry.labelled:
-        raise TokenmillError(f"corpus '{corpus.name}' has no labels; set label_field or label_dirs in its catalog "
-                             "entry, or preprocess it for the language model with --task lm")
+        raise TokenmillError(
+            f"corpus '{corpus.name}' has no labels; set label_field or label_dirs in its catalog "
+            "entry, or preprocess it for the language model with --task lm"
+        )
     tokenizer, reused, out = resolve_output(corpus, tokenizer, data, shards_root, reuse_tokenizer, classify)
     with exclusive(out, f"building {out}"):  # an overlapping run waits here, then reuses this build
         if (cached := mf.reuse_or_clear(out, refresh)) is not None:

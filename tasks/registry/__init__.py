@@ -8,8 +8,13 @@ logged with each model; `export` the Hugging Face checkpoint.
 
 from tasks.core.exports import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "register_candidate": "versions", "start_model_task": "versions", "promote_task": "versions",
-    "registered_versions_task": "versions",
-})
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "register_candidate": "versions",
+        "start_model_task": "versions",
+        "promote_task": "versions",
+        "registered_versions_task": "versions",
+    },
+)
 __all__ = ["promote_task", "registered_versions_task", "register_candidate", "start_model_task"]

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import set_model
-
 from pyfunc_io import encode_texts, load_network, probability_columns, texts_of
 
 BATCH = 64  # texts per forward pass, so a large input does not need one huge tensor

@@ -121,7 +121,9 @@ def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n_layer = 1 + max((int(m.group(1)) for m in map(BLOCK_KEY.match, state) if m), default=-1)
     missing = sorted(set(expected_hf_keys(n_layer)) - set(out))
     if unknown or missing:
-        raise TokenmillError(f"these weights are not a tokenmill GPT's (unexpected {unknown[:3]}, missing {missing[:3]})")
+        raise TokenmillError(
+            f"these weights are not a tokenmill GPT's (unexpected {unknown[:3]}, missing {missing[:3]})"
+        )
     # safetensors refuses tensors that share storage, as q, k and v views of c_attn would.
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
@@ -146,7 +148,9 @@ def spm_proto(model_bytes: bytes):
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     problems = []
     if spec.model_type != spec.BPE:
-        problems.append(f"model type {spec.ModelType.Name(spec.model_type).lower()} (only BPE replays exactly as merges)")
+        problems.append(
+            f"model type {spec.ModelType.Name(spec.model_type).lower()} (only BPE replays exactly as merges)"
+        )
     if norm.precompiled_charsmap or norm.name not in ("identity", ""):
         problems.append(f"normalization rule {norm.name!r} (only identity)")
     if norm.add_dummy_prefix or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
@@ -156,8 +160,10 @@ def spm_proto(model_bytes: bytes):
     if any(p.type == p.USER_DEFINED for p in proto.pieces):
         problems.append("user-defined symbols")
     if problems:
-        raise TokenmillError(f"the tokenizer does not convert exactly to tokenizer.json: {'; '.join(problems)}; "
-                             f"export needs a tokenizer trained by tokenmill with tokenizer.model_type=bpe")
+        raise TokenmillError(
+            f"the tokenizer does not convert exactly to tokenizer.json: {'; '.join(problems)}; "
+            f"export needs a tokenizer trained by tokenmill with tokenizer.model_type=bpe"
+        )
     return proto
 
 
@@ -183,8 +189,11 @@ def bpe_tokenizer(proto, normalize: str):
     spec = proto.trainer_spec
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     unk = proto.pieces[spec.unk_id].piece
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=spm_merges(proto), unk_token=unk,
-                                     byte_fallback=spec.byte_fallback, fuse_unk=True))  # SentencePiece fuses unknowns
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab, merges=spm_merges(proto), unk_token=unk, byte_fallback=spec.byte_fallback, fuse_unk=True
+        )
+    )  # SentencePiece fuses unknowns
     unicode = {"NFC": [normalizers.NFC()], "NFKC": [normalizers.NFKC()]}.get(normalize, [])
     tokenizer.normalizer = normalizers.Sequence([*unicode, normalizers.Replace(" ", SPACE)])
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -223,8 +232,9 @@ def write_tokenizer(model_bytes: bytes, out_dir: Path, normalize: str, model_max
 # ---------------------------------------------------------------- the checkpoint
 
 
-def write_hf(out_dir: Path, state: dict[str, torch.Tensor], gpt_config: dict, tokenizer_model: bytes,
-             normalize: str) -> None:
+def write_hf(
+    out_dir: Path, state: dict[str, torch.Tensor], gpt_config: dict, tokenizer_model: bytes, normalize: str
+) -> None:
     """Write the Hugging Face checkpoint of a GPT's weights and SentencePiece model into out_dir."""
     from safetensors.torch import save_file
 
@@ -262,9 +272,11 @@ def export_hf(model_uri: str, out_dir: Path) -> Path:
 
 
 def classifier_refusal(model_uri: str, head: dict) -> str:
-    return (f"{model_uri} is a classifier ({head.get('pooling', 'mean')} pooling, linear head with a bias) and no stock "
-            f"transformers class computes that: *ForSequenceClassification scores the last non-pad token with a "
-            f"bias-free layer; serve it with mlflow.pyfunc.load_model instead")
+    return (
+        f"{model_uri} is a classifier ({head.get('pooling', 'mean')} pooling, linear head with a bias) and no stock "
+        f"transformers class computes that: *ForSequenceClassification scores the last non-pad token with a "
+        f"bias-free layer; serve it with mlflow.pyfunc.load_model instead"
+    )
 
 
 def verify(model_uri: str, local: LocalModel, state: dict[str, torch.Tensor], tagged_sha256: str | None) -> None:
@@ -279,12 +291,16 @@ def verify(model_uri: str, local: LocalModel, state: dict[str, torch.Tensor], ta
     actual = weights_sha256(state)
     for where, expected in recorded.items():
         if expected and expected != actual:
-            raise TokenmillError(f"the weights of {model_uri} have sha256 {actual[:12]}, not {expected[:12]} as "
-                                 f"{where} records; the artifact is damaged or was replaced")
+            raise TokenmillError(
+                f"the weights of {model_uri} have sha256 {actual[:12]}, not {expected[:12]} as "
+                f"{where} records; the artifact is damaged or was replaced"
+            )
     tokenizer_sha = sha256_file(local.tokenizer)
     if tokenizer_sha != local.tokenizer_sha256:
-        raise TokenmillError(f"the tokenizer of {model_uri} has sha256 {tokenizer_sha[:12]}, not "
-                             f"{local.tokenizer_sha256[:12]} as its config.json records; the artifact is damaged")
+        raise TokenmillError(
+            f"the tokenizer of {model_uri} has sha256 {tokenizer_sha[:12]}, not "
+            f"{local.tokenizer_sha256[:12]} as its config.json records; the artifact is damaged"
+        )
 
 
 def training_normalization(model_uri: str, run_id: str | None, dst: Path) -> str:
@@ -297,8 +313,10 @@ def training_normalization(model_uri: str, run_id: str | None, dst: Path) -> str
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/manifest.json", dst_path=str(dst))
         manifest = json.loads(Path(path).read_text())
     except (MlflowException, OSError, ValueError, TypeError):
-        raise TokenmillError(f"cannot tell how the training text of {model_uri} was normalized: its run {run_id} "
-                             f"has no readable data/manifest.json") from None
+        raise TokenmillError(
+            f"cannot tell how the training text of {model_uri} was normalized: its run {run_id} "
+            f"has no readable data/manifest.json"
+        ) from None
     return manifest.get("config", {}).get("data", {}).get("normalize", "none")
 
 
@@ -313,6 +331,8 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         try:
             os.replace(stage, out_dir)  # onto a missing or empty directory
         except OSError as exc:
-            raise TokenmillError(f"cannot move the export into {out_dir}: {exc.strerror}; choose a new OUT_DIR") from None
+            raise TokenmillError(
+                f"cannot move the export into {out_dir}: {exc.strerror}; choose a new OUT_DIR"
+            ) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -18,7 +18,6 @@ import json
 import mlflow.pyfunc
 import torch
 from mlflow.models import set_model
-
 from pyfunc_io import bits_per_byte, complete, load_network, normalized, texts_of
 
 

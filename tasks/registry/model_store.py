@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
-from tasks.modeling import pyfunc_io
 from tasks.core.atomic import sha256_file
+from tasks.modeling import pyfunc_io
 from tasks.modeling.local_model import LocalModel, file_weights_sha256, logged_head, training_normalization
 from tokenmill.errors import TokenmillError
 
@@ -83,13 +83,15 @@ def model_signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),  # unnamed: a list of prompts or a one-column frame
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([
-            ParamSpec("mode", "string", "generate"),
-            ParamSpec("max_new_tokens", "long", 64),
-            ParamSpec("temperature", "double", 0.8),
-            ParamSpec("top_k", "long", 50),
-            ParamSpec("seed", "long", 0),
-        ]),
+        params=ParamSchema(
+            [
+                ParamSpec("mode", "string", "generate"),
+                ParamSpec("max_new_tokens", "long", 64),
+                ParamSpec("temperature", "double", 0.8),
+                ParamSpec("top_k", "long", 50),
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
     )
 
 
@@ -99,8 +101,12 @@ def classifier_signature(labels: list[str]):
 
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),  # unnamed: a list of texts or a one-column frame
-        outputs=Schema([ColSpec("string", "label"),
-                        *(ColSpec("double", column) for column in pyfunc_io.probability_columns(labels))]),
+        outputs=Schema(
+            [
+                ColSpec("string", "label"),
+                *(ColSpec("double", column) for column in pyfunc_io.probability_columns(labels)),
+            ]
+        ),
     )
 
 
@@ -115,9 +121,13 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
 
     manifest_sha = sha256_file(manifest_path)
     manifest = json.loads(Path(manifest_path).read_text())
-    config = {"gpt": model.gpt_config, "tokenizer_sha256": model.tokenizer_sha256,
-              "manifest_sha256": manifest_sha, "weights_sha256": weights_sha256 or file_weights_sha256(model.weights),
-              "normalize": training_normalization(manifest)}
+    config = {
+        "gpt": model.gpt_config,
+        "tokenizer_sha256": model.tokenizer_sha256,
+        "manifest_sha256": manifest_sha,
+        "weights_sha256": weights_sha256 or file_weights_sha256(model.weights),
+        "normalize": training_normalization(manifest),
+    }
     if model.head is not None:
         config["head"] = logged_head(model.head, manifest)
         code, signature = CLASSIFIER_PYFUNC_CODE, classifier_signature(config["head"]["labels"])
@@ -132,14 +142,18 @@ def log_model(run_id: str, model: LocalModel, manifest_path: Path, corpus_name: 
         mlflow.log_artifact(str(config_path), "data")
         dataset = MetaDataset(resolve_dataset_source(str(manifest_path)), name=corpus_name, digest=manifest_sha[:32])
         fingerprint = manifest["corpus"]["fingerprint"]
-        mlflow.log_input(dataset, context="training",
-                         tags={"manifest_sha256": manifest_sha, "corpus_fingerprint": fingerprint})
+        mlflow.log_input(
+            dataset, context="training", tags={"manifest_sha256": manifest_sha, "corpus_fingerprint": fingerprint}
+        )
         with wrapper_importable():
             return mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(code),
-                artifacts={"weights": str(model.weights), "tokenizer": str(model.tokenizer),
-                           "config": str(config_path)},
+                artifacts={
+                    "weights": str(model.weights),
+                    "tokenizer": str(model.tokenizer),
+                    "config": str(config_path),
+                },
                 signature=signature,
                 input_example=example,
                 code_paths=code_paths(),
@@ -155,7 +169,9 @@ def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
     except MlflowException as exc:
-        raise TokenmillError(f"cannot load {model_uri}: {exc.message.splitlines()[0]}; check `tokenmill models`") from None
+        raise TokenmillError(
+            f"cannot load {model_uri}: {exc.message.splitlines()[0]}; check `tokenmill models`"
+        ) from None
     from mlflow.models import Model
 
     try:
@@ -164,4 +180,6 @@ def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:
     except (KeyError, OSError, MlflowException):
         raise TokenmillError(f"{model_uri} is not a tokenmill model (no weights/tokenizer/config artifacts)") from None
     config = json.loads(files["config"].read_text())
-    return LocalModel(files["weights"], files["tokenizer"], config["gpt"], config["tokenizer_sha256"], config.get("head"))
+    return LocalModel(
+        files["weights"], files["tokenizer"], config["gpt"], config["tokenizer_sha256"], config.get("head")
+    )

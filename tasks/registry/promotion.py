@@ -44,7 +44,8 @@ def decide(challenger: Candidate, champion: Candidate | None, min_improvement: f
         return Decision(True, "no champion yet and the absolute checks pass")
     if champion.metric != challenger.metric:
         raise IncomparableModels(
-            f"version {challenger.version} is gated on {challenger.metric} and champion {champion.version} on {champion.metric}"
+            f"version {challenger.version} is gated on {challenger.metric} "
+            f"and champion {champion.version} on {champion.metric}"
         )
     if champion.eval_set_sha256 != challenger.eval_set_sha256:
         raise IncomparableModels(

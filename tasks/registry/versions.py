@@ -20,12 +20,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.modeling.evaluation import Evaluation
 from tasks.core.manifest import content_key
-from tasks.modeling.local_model import LocalModel
-from tasks.registry.model_store import log_model
 from tasks.core.policy import retry_transient
 from tasks.core.spec import LM, spec_for_gate, task_spec
+from tasks.modeling.evaluation import Evaluation
+from tasks.modeling.local_model import LocalModel
+from tasks.registry.model_store import log_model
 from tasks.registry.promotion import Candidate, Decision, IncomparableModels, decide
 from tokenmill.config import ModelConfig
 from tokenmill.console import step
@@ -82,8 +82,9 @@ def create_version_once(client, name: str, logged, run_id: str, cid: str):
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mine = client.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                                       tags={CANDIDATE_TAG: cid})
+    mine = client.create_model_version(
+        name, logged.model_uri, run_id=run_id, model_id=logged.model_id, tags={CANDIDATE_TAG: cid}
+    )
     winner = existing_version(client, name, cid)
     if str(winner.version) != str(mine.version):
         client.delete_model_version(name, str(mine.version))
@@ -124,10 +125,17 @@ def aliases_of(client, name: str, version: str) -> list[str]:
     return sorted(a for a, v in registered.aliases.items() if str(v) == str(version))
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path, corpus_name: str,
-                       model_name: str, min_improvement: float) -> Registration:
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
+def register_candidate(
+    run_id: str, evaluation: Evaluation, manifest_path: Path, corpus_name: str, model_name: str, min_improvement: float
+) -> Registration:
     """Register the evaluated model as a new version (once), tag it, then apply the promotion gate
     (once: a version found already gated keeps its recorded decision)."""
     from mlflow import get_tracking_uri
@@ -148,8 +156,13 @@ def register_candidate(run_id: str, evaluation: Evaluation, manifest_path: Path,
             for key, value in version_tags(evaluation, manifest_path).items():
                 client.set_model_version_tag(model_name, version, key, value)
             reason = gate(client, model_name, version, min_improvement).reason
-        return Registration(model_name, version, aliases_of(client, model_name, version), reason,
-                            alias_version(client, model_name, CHAMPION))
+        return Registration(
+            model_name,
+            version,
+            aliases_of(client, model_name, version),
+            reason,
+            alias_version(client, model_name, CHAMPION),
+        )
 
 
 def version_tags(evaluation: Evaluation, manifest_path: Path) -> dict[str, str]:
@@ -157,9 +170,14 @@ def version_tags(evaluation: Evaluation, manifest_path: Path) -> dict[str, str]:
     headline metrics (per-class ones stay on the run) and what it was scored on."""
     spec = task_spec(evaluation.task)
     tags = {k: str(v) for k, v in evaluation.metrics.items() if "." not in k}
-    tags.update(task=spec.name, eval_set_sha256=evaluation.eval_set_sha256, weights_sha256=evaluation.weights_sha256,
-                eval_max_rows=str(evaluation.eval_max_rows), manifest=str(manifest_path),
-                tokenizer_sha256=evaluation.model.tokenizer_sha256)
+    tags.update(
+        task=spec.name,
+        eval_set_sha256=evaluation.eval_set_sha256,
+        weights_sha256=evaluation.weights_sha256,
+        eval_max_rows=str(evaluation.eval_max_rows),
+        manifest=str(manifest_path),
+        tokenizer_sha256=evaluation.model.tokenizer_sha256,
+    )
     tags[GATE_TAG] = spec.gate.metric
     if spec.generates:  # sample generations are a language model's absolute check
         tags["generations_ok"] = str(evaluation.generations_ok).lower()
@@ -250,11 +268,12 @@ def registered_versions() -> list[dict]:
     try:
         return all_versions()
     except Exception as exc:
-        raise TokenmillError(f"cannot read the model registry at {uri} ({type(exc).__name__}); gc removed nothing") from None
+        raise TokenmillError(
+            f"cannot read the model registry at {uri} ({type(exc).__name__}); gc removed nothing"
+        ) from None
 
 
-registered_versions_task = task(name="registered-versions", cache_policy=NO_CACHE)(
-    registered_versions)
+registered_versions_task = task(name="registered-versions", cache_policy=NO_CACHE)(registered_versions)
 
 
 def all_versions() -> list[dict]:
@@ -269,10 +288,17 @@ def all_versions() -> list[dict]:
             for alias, version in registered.aliases.items():
                 aliases.setdefault(str(version), []).append(alias)
             for mv in client.search_model_versions(f"name='{registered.name}'"):
-                out.append({"model": registered.name, "version": int(mv.version), "run_id": mv.run_id or "",
-                            "manifest": mv.tags.get("manifest", ""), "weights_sha256": mv.tags.get("weights_sha256", ""),
-                            "aliases": sorted(aliases.get(str(mv.version), [])),
-                            "created": (mv.creation_timestamp or 0) / 1000})
+                out.append(
+                    {
+                        "model": registered.name,
+                        "version": int(mv.version),
+                        "run_id": mv.run_id or "",
+                        "manifest": mv.tags.get("manifest", ""),
+                        "weights_sha256": mv.tags.get("weights_sha256", ""),
+                        "aliases": sorted(aliases.get(str(mv.version), [])),
+                        "created": (mv.creation_timestamp or 0) / 1000,
+                    }
+                )
         token = page.token
         if not token:
             return out
@@ -298,11 +324,15 @@ def list_versions(name: str) -> tuple[list[str], list[tuple[str, ...]]]:
     rows = []
     for mv in versions:
         created = datetime.datetime.fromtimestamp(mv.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M")
-        rows.append((
-            str(mv.version), ", ".join(sorted(by_version.get(str(mv.version), []))),
-            *(_short(mv.tags.get(m)) for m in metrics),
-            mv.tags.get("promotion.decision", ""), created,
-        ))
+        rows.append(
+            (
+                str(mv.version),
+                ", ".join(sorted(by_version.get(str(mv.version), []))),
+                *(_short(mv.tags.get(m)) for m in metrics),
+                mv.tags.get("promotion.decision", ""),
+                created,
+            )
+        )
     return ["version", "aliases", *metrics, "decision", "created"], rows
 
 
@@ -341,12 +371,19 @@ def recorded_evaluation(model_uri: str) -> tuple[str, int | None]:
     return manifest, int(rows) if rows else None
 
 
-promote_task = task(name="promote", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
-                    retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(promote)
+promote_task = task(
+    name="promote",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)(promote)
 
 
-def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_root: Path,
-                model: ModelConfig | None = None) -> tuple[LocalModel | None, str]:
+def start_model(
+    init_from: str | None, warm_start: bool, model_name: str, dst_root: Path, model: ModelConfig | None = None
+) -> tuple[LocalModel | None, str]:
     """The model a run continues from: `init_from` (a model URI, which must exist), or with
     `warm_start` the current champion when there is one. Returns (model or None, what it is).
     With `model`, the run's network shapes must match the start model's, checked here so that
@@ -374,13 +411,24 @@ def start_model(init_from: str | None, warm_start: bool, model_name: str, dst_ro
 
 def require_shapes(uri: str, source: dict, model: ModelConfig) -> None:
     """The backbone shapes a warm start needs to match (the vocabulary follows the reused tokenizer)."""
-    diffs = [f"{name} {source.get(name)} (source) vs {getattr(model, name)} (this run)"
-             for name in ("n_layer", "n_head", "n_embd") if source.get(name) != getattr(model, name)]
+    diffs = [
+        f"{name} {source.get(name)} (source) vs {getattr(model, name)} (this run)"
+        for name in ("n_layer", "n_head", "n_embd")
+        if source.get(name) != getattr(model, name)
+    ]
     if diffs:
         fix = " ".join(f"--set model.{name}={source.get(name)}" for name in ("n_layer", "n_head", "n_embd"))
-        raise TokenmillError(f"cannot warm-start from {uri}: {'; '.join(diffs)}; "
-                             f"use the preset it was trained with or {fix}, or train from scratch")
+        raise TokenmillError(
+            f"cannot warm-start from {uri}: {'; '.join(diffs)}; "
+            f"use the preset it was trained with or {fix}, or train from scratch"
+        )
 
 
-start_model_task = task(name="resolve-start-model", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5,
-                        retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(start_model)
+start_model_task = task(
+    name="resolve-start-model",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)(start_model)

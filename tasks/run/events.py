@@ -19,7 +19,7 @@ def corpus_updated(corpus: str, note: str = "") -> dict:
     """The event as Prefect's events API takes it."""
     return {
         "id": str(uuid.uuid4()),
-        "occurred": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "occurred": datetime.datetime.now(datetime.UTC).isoformat(),
         "event": CORPUS_UPDATED,
         "resource": {"prefect.resource.id": f"tokenmill.corpus.{corpus}", "prefect.resource.name": corpus},
         "payload": {"corpus": corpus, "note": note},
@@ -38,4 +38,6 @@ def emit(api_url: str | None, event: dict, api_key: str | None = None, timeout: 
     except httpx.HTTPError as exc:
         raise TokenmillError(f"cannot reach the Prefect server at {api_url} ({exc}); check PREFECT_API_URL") from None
     if response.status_code >= 300:
-        raise TokenmillError(f"the Prefect server refused the event (HTTP {response.status_code}): {response.text[:200]}")
+        raise TokenmillError(
+            f"the Prefect server refused the event (HTTP {response.status_code}): {response.text[:200]}"
+        )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_catalog.loader import Corpus, resolve_corpus
-from tokenmill.config import RunConfig, parse_assignments, deep_merge, resolve_config
+from tokenmill.config import RunConfig, deep_merge, parse_assignments, resolve_config
 from tokenmill.runtime import services
 
 
@@ -23,8 +23,14 @@ class RunPlan:
     dask_address: str | None
 
 
-def plan_run(corpus: str, preset: str = "default", overrides: list[str] | None = None,
-             catalog: str | None = None, max_steps: int | None = None, task: str | None = None) -> RunPlan:
+def plan_run(
+    corpus: str,
+    preset: str = "default",
+    overrides: list[str] | None = None,
+    catalog: str | None = None,
+    max_steps: int | None = None,
+    task: str | None = None,
+) -> RunPlan:
     """Validate every input and resolve the config: defaults < preset < catalog < overrides.
     The catalog entry decides the task (classify when it has labels); `task` (--task) overrides it."""
     cli = parse_assignments(overrides or [])

@@ -54,7 +54,10 @@ def metric_rows(summary: dict) -> list[tuple[str, str]]:
 
 def summary_rows(summary: dict, link: str) -> list[tuple[str, str]]:
     return [
-        ("model", f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})"),
+        (
+            "model",
+            f"{summary['model_name']} v{summary['model_version']} ({', '.join(summary['aliases']) or 'no alias'})",
+        ),
         *metric_rows(summary),
         ("eval set", summary["eval_set_sha256"][:16]),
         ("promotion", summary["decision"]),
@@ -77,8 +80,16 @@ def summary_text(summary: dict, link: str) -> str:
 
 def shard_table(manifest_path: Path) -> list[dict]:
     manifest = json.loads(Path(manifest_path).read_text())
-    return [{"shard": s["path"], "split": s["split"], "rows": s["rows"], "tokens": s.get("tokens", ""), "sha256": s["sha256"][:16]}
-            for s in manifest["shards"]]
+    return [
+        {
+            "shard": s["path"],
+            "split": s["split"],
+            "rows": s["rows"],
+            "tokens": s.get("tokens", ""),
+            "sha256": s["sha256"][:16],
+        }
+        for s in manifest["shards"]
+    ]
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
@@ -90,6 +101,7 @@ def publish_summary(summary: dict) -> None:
 
     link = mlflow_run_link(summary["mlflow_run_id"])
     to_run_log(summary_text(summary, link))
-    create_markdown_artifact(summary_markdown(summary, link),
-                             key="tokenmill-run-summary", description="metrics, model version and lineage")
+    create_markdown_artifact(
+        summary_markdown(summary, link), key="tokenmill-run-summary", description="metrics, model version and lineage"
+    )
     create_table_artifact(shard_table(Path(summary["manifest"])), key="tokenmill-shards", description="shard stats")

@@ -14,27 +14,40 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.run.mlflow_runs import MlflowTracker, close_run, open_run
 from tasks.core.policy import retry_transient
+from tasks.run.mlflow_runs import MlflowTracker, close_run, open_run
 
 __all__ = ["MlflowTracker", "close_run", "end_run", "open_run", "run_tags", "start_run"]
 
 
-@task(name="start-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_jitter_factor=0.5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@task(
+    name="start-tracking-run",
+    retries=3,
+    retry_delay_seconds=[1, 4, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
     """Open the pipeline's MLflow run with the resolved config as params; return its id."""
     return open_run(experiment, run_name, config, tags)
 
 
-@task(name="end-tracking-run", retries=3, retry_delay_seconds=[1, 4, 10], retry_jitter_factor=0.5,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@task(
+    name="end-tracking-run",
+    retries=3,
+    retry_delay_seconds=[1, 4, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+)
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     close_run(run_id, status)
 
 
-def run_tags(corpus: str, corpus_fingerprint: str, flow_run_id: str | None, init_from: str = "",
-             task: str = "lm") -> dict[str, str]:
+def run_tags(
+    corpus: str, corpus_fingerprint: str, flow_run_id: str | None, init_from: str = "", task: str = "lm"
+) -> dict[str, str]:
     """Lineage tags of a pipeline run; its stages all log into this one MLflow run."""
     return {
         "tokenmill.task": task,

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.modeling import checkpoint
-from tasks.train import trainer
 from tasks.modeling.checkpoint import WarmStart
+from tasks.train import trainer
 from tokenmill.errors import TokenmillError
 from tokenmill.locks import exclusive
 
@@ -50,8 +50,16 @@ def torchrun_command(topology: Topology, spec: Path) -> list[str]:
     else:
         if not topology.rdzv_endpoint:
             raise TokenmillError(f"--nnodes {topology.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node)")
-        cmd += ["--nnodes", str(topology.nnodes), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", topology.rdzv_endpoint, "--rdzv-id", topology.rdzv_id]
+        cmd += [
+            "--nnodes",
+            str(topology.nnodes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            topology.rdzv_endpoint,
+            "--rdzv-id",
+            topology.rdzv_id,
+        ]
     return cmd + ["-m", "tasks.train.launch", str(spec)]
 
 
@@ -59,7 +67,7 @@ def run_training(
     manifest_path: Path,
     cfg,
     out_dir: Path,
-    tracker: trainer.Tracker = trainer.NullTracker(),
+    tracker: trainer.Tracker | None = None,
     on_step: trainer.OnStep | None = None,
     *,
     resume: bool = False,
@@ -70,6 +78,7 @@ def run_training(
     One process at a time trains into `out_dir`: an overlapping one waits, then, unless it
     resumes, stops on the checkpoints the first one left instead of mixing its own in."""
     topology = topology or Topology(nproc_per_node=cfg.train.nproc_per_node)
+    tracker = tracker or trainer.NullTracker()
     if topology.nnodes > 1:  # every node runs this with the same out_dir: a shared lock would keep them apart
         return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
     with exclusive(Path(out_dir).resolve(), f"training into {out_dir}"):
@@ -77,20 +86,40 @@ def run_training(
         return launch(manifest_path, cfg, out_dir, tracker, on_step, resume, warm, topology)
 
 
-def launch(manifest_path: Path, cfg, out_dir: Path, tracker: trainer.Tracker, on_step: trainer.OnStep | None,
-           resume: bool, warm: WarmStart | None, topology: Topology) -> trainer.TrainResult | None:
+def launch(
+    manifest_path: Path,
+    cfg,
+    out_dir: Path,
+    tracker: trainer.Tracker,
+    on_step: trainer.OnStep | None,
+    resume: bool,
+    warm: WarmStart | None,
+    topology: Topology,
+) -> trainer.TrainResult | None:
     if not topology.distributed:
         return trainer.train(manifest_path, cfg, out_dir, tracker, on_step, resume=resume, warm=warm)
     work = Path(out_dir) / ".launch"
     work.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:12]
     spec, events = work / f"spec-{run}.json", work / f"events-{run}.jsonl"
-    spec.write_text(json.dumps({
-        "manifest": str(Path(manifest_path).resolve()), "config": cfg.model_dump(), "out_dir": str(Path(out_dir).resolve()),
-        "resume": resume, "warm": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(warm).items()} if warm else None,
-        "events": str(events.resolve()),
-    }))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    spec.write_text(
+        json.dumps(
+            {
+                "manifest": str(Path(manifest_path).resolve()),
+                "config": cfg.model_dump(),
+                "out_dir": str(Path(out_dir).resolve()),
+                "resume": resume,
+                "warm": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(warm).items()} if warm else None,
+                "events": str(events.resolve()),
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     proc = subprocess.Popen(torchrun_command(topology, spec), stdout=2, env=env)  # ranks' prints go to stderr
     try:
         result, error = follow(proc, events, tracker, on_step)
@@ -167,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(Path(spec["events"])) if parallel.ranks_from_env().main else None
     try:
         result = trainer.train(
-            Path(spec["manifest"]), cfg, Path(spec["out_dir"]),
-            events or trainer.NullTracker(), events.on_step if events else None,
-            resume=spec["resume"], warm=warm,
+            Path(spec["manifest"]),
+            cfg,
+            Path(spec["out_dir"]),
+            events or trainer.NullTracker(),
+            events.on_step if events else None,
+            resume=spec["resume"],
+            warm=warm,
         )
     except TokenmillError as exc:
         if events:

@@ -22,21 +22,36 @@ def row_words(manifest: dict) -> str:
     return f"context {manifest['row_len'] - 1}"
 
 
-def train_with_progress(manifest_path: Path, manifest: dict, cfg, out_dir: Path, tracker: trainer.Tracker,
-                        resume: bool, warm: WarmStart | None, earlier: list[Path],
-                        topology: Topology | None = None) -> trainer.TrainResult | None:
+def train_with_progress(
+    manifest_path: Path,
+    manifest: dict,
+    cfg,
+    out_dir: Path,
+    tracker: trainer.Tracker,
+    resume: bool,
+    warm: WarmStart | None,
+    earlier: list[Path],
+    topology: Topology | None = None,
+) -> trainer.TrainResult | None:
     """`launch.run_training`, announced and with a progress bar; `earlier` are the checkpoints
     it continues from (shown when resuming)."""
     topology = topology or Topology(cfg.train.nproc_per_node)
     ranks = f" x {topology.nproc_per_node * topology.nnodes} ranks" if topology.distributed else ""
-    step(f"training on {pick_device(cfg.train.device)}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, "
-         f"{row_words(manifest)}, {cfg.train.max_steps} steps -> {out_dir}")
+    step(
+        f"training on {pick_device(cfg.train.device)}{ranks}: {cfg.model.n_layer} layers x {cfg.model.n_embd} wide, "
+        f"{row_words(manifest)}, {cfg.train.max_steps} steps -> {out_dir}"
+    )
     if earlier and resume:
         step(f"resuming from {earlier[-1]}")
     with progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s")) as bar:
         job = bar.add_task("training", total=cfg.train.max_steps, loss="-", tps="-")
         return run_training(
-            manifest_path, cfg, out_dir, tracker,
+            manifest_path,
+            cfg,
+            out_dir,
+            tracker,
             on_step=lambda done, loss, tps: bar.update(job, completed=done, loss=f"{loss:.3f}", tps=f"{tps:,.0f}"),
-            resume=resume, warm=warm, topology=topology,
+            resume=resume,
+            warm=warm,
+            topology=topology,
         )

@@ -14,14 +14,14 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.modeling import checkpoint
 from tasks.core import stage_cache
-from tasks.train import trainer
 from tasks.core.atomic import sha256_file
-from tasks.train.progress import train_with_progress
-from tasks.modeling.local_model import LocalModel
 from tasks.core.policy import retry_transient
 from tasks.core.spec import task_spec
+from tasks.modeling import checkpoint
+from tasks.modeling.local_model import LocalModel
+from tasks.train import trainer
+from tasks.train.progress import train_with_progress
 from tokenmill.config import RunConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
@@ -34,8 +34,10 @@ def start_tokenizer(start: LocalModel | None, cfg: RunConfig, shards_root: Path,
     if start is None:
         return None
     if not task_spec(cfg.task).labelled and start.head is not None:
-        raise TokenmillError(f"{start_uri or start.weights} is a classifier; a language model starts from a language "
-                             f"model or from scratch (use --task classify to continue the classifier)")
+        raise TokenmillError(
+            f"{start_uri or start.weights} is a classifier; a language model starts from a language "
+            f"model or from scratch (use --task classify to continue the classifier)"
+        )
     if cfg.tokenizer.reuse:
         from tasks.core.tokenizer import resolve_reuse
 
@@ -83,14 +85,26 @@ def train_model(
         if not refresh and (cached := reuse_training(models_root, key, tracker)):
             return cached
         out_dir, owned = run_dir(models_root, run_id, task_run.id)
-        warm = checkpoint.warm_start_source(init.weights, init.gpt_config, init.tokenizer_sha256, init.head) if init else None
+        warm = (
+            checkpoint.warm_start_source(init.weights, init.gpt_config, init.tokenizer_sha256, init.head)
+            if init
+            else None
+        )
         # `tokenmill gc` skips the shard dir while this run reads it (run_training locks out_dir itself)
         with in_use(Path(manifest_path).resolve().parent):
             return fresh_training(manifest_path, cfg, models_root, key, out_dir, tracker, owned, warm)
 
 
-def fresh_training(manifest_path: Path, cfg: RunConfig, models_root: Path, key: str, out_dir: Path,
-                   tracker: RecordingTracker, resume: bool, warm: checkpoint.WarmStart | None) -> trainer.TrainResult:
+def fresh_training(
+    manifest_path: Path,
+    cfg: RunConfig,
+    models_root: Path,
+    key: str,
+    out_dir: Path,
+    tracker: RecordingTracker,
+    resume: bool,
+    warm: checkpoint.WarmStart | None,
+) -> trainer.TrainResult:
     """Train into `out_dir` (continuing from its checkpoints when `resume`) and record the
     result in the stage cache under `key`."""
     manifest = json.loads(Path(manifest_path).read_text())

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from model import GPTConfig
-from tasks.modeling import checkpoint, parallel
 from tasks.core.atomic import atomic_path
+from tasks.modeling import checkpoint, parallel
 from tasks.modeling.checkpoint import WarmStart
 from tasks.modeling.task_data import manifest_task, open_task_data
 from tokenmill.errors import TokenmillError
@@ -115,10 +115,24 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # Dense bf16 tensor-core peaks per device (datasheets, no sparsity), FLOP/s. The first
 # substring found in torch.cuda.get_device_name() wins, so specific names come first.
 PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12), ("H800", 989.5e12),
-    ("GH200", 989.5e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-    ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12), ("A10", 125e12), ("RTX 6000 Ada", 364e12),
-    ("A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.5e12),
+    ("H200", 989.5e12),
+    ("H800", 989.5e12),
+    ("GH200", 989.5e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 6000 Ada", 364e12),
+    ("A6000", 155e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
 ]
 
 
@@ -166,7 +180,7 @@ def train(
     manifest_path: Path,
     cfg,  # tokenmill.config.RunConfig (or anything shaped like it)
     out_dir: Path,
-    tracker: Tracker = NullTracker(),
+    tracker: Tracker | None = None,
     on_step: OnStep | None = None,
     *,
     resume: bool = False,
@@ -186,6 +200,7 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True  # for whatever autocast leaves in fp32
         torch.backends.cudnn.allow_tf32 = True
     autocast = autocast_for(device, t.precision)
+    tracker = tracker or NullTracker()
     if not ranks.main:
         tracker, on_step = NullTracker(), None
 
@@ -222,11 +237,20 @@ def train(
         checkpoint.check_compatible(payload, gpt_config.__dict__, data_sha256(manifest), last_saved, data.head)
     if ranks.main:
         checkpoint.write_run_record(
-            out_dir, config=cfg.model_dump(), manifest=str(Path(manifest_path).resolve()), data_sha256=data_sha256(manifest),
-            tokenizer_sha256=tokenizer_sha, gpt_config=gpt_config.__dict__.copy(), ranks=ranks.world,
-            grad_accum=accum, tokens_per_step=tokens_per_step, device=str(device),
-            resumed_from=payload["step"] if payload is not None else None, warm_start=str(warm.weights) if warm else None,
-            task=data.task, head=data.head,
+            out_dir,
+            config=cfg.model_dump(),
+            manifest=str(Path(manifest_path).resolve()),
+            data_sha256=data_sha256(manifest),
+            tokenizer_sha256=tokenizer_sha,
+            gpt_config=gpt_config.__dict__.copy(),
+            ranks=ranks.world,
+            grad_accum=accum,
+            tokens_per_step=tokens_per_step,
+            device=str(device),
+            resumed_from=payload["step"] if payload is not None else None,
+            warm_start=str(warm.weights) if warm else None,
+            task=data.task,
+            head=data.head,
         )
 
     # 4. Model (fresh, warm-started or restored), parallelized; optimizer and schedule.
@@ -261,10 +285,19 @@ def train(
         if not ranks.main:
             return None
         return {
-            "format": checkpoint.FORMAT, "step": step, "loss": loss_value, "model": state, "optimizer": optim,
-            "scheduler": schedule.state_dict(), "sampler": sampler.state_dict(), "rng": rng,
-            "config": cfg.model_dump(), "gpt_config": gpt_config.__dict__.copy(),
-            "data_sha256": data_sha256(manifest), "world": ranks.world, "head": data.head,
+            "format": checkpoint.FORMAT,
+            "step": step,
+            "loss": loss_value,
+            "model": state,
+            "optimizer": optim,
+            "scheduler": schedule.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng,
+            "config": cfg.model_dump(),
+            "gpt_config": gpt_config.__dict__.copy(),
+            "data_sha256": data_sha256(manifest),
+            "world": ranks.world,
+            "head": data.head,
         }
 
     # 5. The loop: accumulate micro-batches, guard, clip, step; log, eval and checkpoint.
@@ -299,8 +332,12 @@ def train(
         if ranks.main and (done % t.log_interval == 0 or done == t.max_steps):
             now = time.perf_counter()
             tokens_per_s = (done - window_step) * tokens_per_step / max(now - window_start, 1e-9)
-            metrics = {"train_loss": loss_value, "lr": schedule.get_last_lr()[0], "grad_norm": norm_value,
-                       "tokens_per_s": tokens_per_s}
+            metrics = {
+                "train_loss": loss_value,
+                "lr": schedule.get_last_lr()[0],
+                "grad_norm": norm_value,
+                "tokens_per_s": tokens_per_s,
+            }
             if peak:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * ranks.world)
             tracker.log_metrics(metrics, step=done)
@@ -333,9 +370,15 @@ def train(
         with atomic_path(weights) as tmp:
             torch.save(state, tmp)
         checkpoint.write_model_card(
-            out_dir, gpt_config.__dict__.copy(), tokenizer_sha,
-            weights_sha256=sha, steps=final_step, data_sha256=data_sha256(manifest), config=cfg.model_dump(),
-            task=data.task, head=data.head,
+            out_dir,
+            gpt_config.__dict__.copy(),
+            tokenizer_sha,
+            weights_sha256=sha,
+            steps=final_step,
+            data_sha256=data_sha256(manifest),
+            config=cfg.model_dump(),
+            task=data.task,
+            head=data.head,
         )
     trained = final_step - start_step
     return TrainResult(

@@ -32,6 +32,13 @@ def test_prefect_logs_hide_only_user_error_tracebacks():
     f = HideUserErrors()
     assert not f.filter(record(TokenmillError("no val rows")))
     assert f.filter(record(RuntimeError("a real bug")))
-    state_line = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1,
-                                   "Finished in state Failed('Task run encountered an exception TokenmillError: x')", None, None)
+    state_line = logging.LogRecord(
+        "prefect.task_runs",
+        logging.ERROR,
+        __file__,
+        1,
+        "Finished in state Failed('Task run encountered an exception TokenmillError: x')",
+        None,
+        None,
+    )
     assert not f.filter(state_line)

@@ -312,7 +312,9 @@ def test_entry_settings_sit_between_preset_and_command_line(tmp_path, monkeypatc
     from tasks.run.plan import plan_run
 
     write(tmp_path / "d" / "a.jsonl", '{"body": "x"}\n')
-    path = catalog_file(tmp_path, textwrap.dedent("""\
+    path = catalog_file(
+        tmp_path,
+        textwrap.dedent("""\
         corpora:
           books:
             description: Books.
@@ -322,7 +324,8 @@ def test_entry_settings_sit_between_preset_and_command_line(tmp_path, monkeypatc
             text_field: body
             data: {val_fraction: 0.25, seed: 7, normalize: NFKC, min_chars: 5, max_chars: 900, context_len: 48}
             tokenizer: {vocab_size: 2000, model_type: unigram}
-        """))
+        """),
+    )
     monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
     plan = plan_run("books", "tiny", ["data.context_len=40"], catalog=str(path))
     data, tok = plan.config.data, plan.config.tokenizer
@@ -336,8 +339,11 @@ def test_entry_settings_sit_between_preset_and_command_line(tmp_path, monkeypatc
 def test_a_reused_tokenizer_path_is_relative_to_the_catalog(tmp_path, monkeypatch):
     write(tmp_path / "d" / "a.txt", "a")
     write(tmp_path / "tok" / "tokenizer.model", "x")
-    path = catalog_file(tmp_path, "corpora:\n  b: {paths: [d], tokenizer: {reuse: tok/tokenizer.model}}\n"
-                                  "  c: {paths: [d], tokenizer: {reuse: b}}\n")
+    path = catalog_file(
+        tmp_path,
+        "corpora:\n  b: {paths: [d], tokenizer: {reuse: tok/tokenizer.model}}\n"
+        "  c: {paths: [d], tokenizer: {reuse: b}}\n",
+    )
     monkeypatch.chdir(tmp_path / "d")
     assert resolve_corpus("b", path).entry.tokenizer["reuse"] == str(tmp_path / "tok" / "tokenizer.model")
     assert resolve_corpus("c", path).entry.tokenizer["reuse"] == "b"  # a corpus name stays a name
@@ -356,8 +362,10 @@ def test_a_missing_plain_path_is_named(tmp_path):
 def test_fsspec_urls_list_files_with_their_size(tmp_path):
     fs = fsspec.filesystem("memory")
     fs.pipe({"/cat/a.jsonl": b'{"text": "a"}\n', "/cat/sub/b.txt": b"bb", "/cat/c.txt": b"ccc"})
-    path = catalog_file(tmp_path, "corpora:\n  mem: {paths: ['memory:///cat'], exclude: ['*.jsonl']}\n"
-                                  "  glob: {paths: ['memory:///cat/*.txt']}\n")
+    path = catalog_file(
+        tmp_path,
+        "corpora:\n  mem: {paths: ['memory:///cat'], exclude: ['*.jsonl']}\n  glob: {paths: ['memory:///cat/*.txt']}\n",
+    )
     mem = resolve_corpus("mem", path)
     assert [(f.path, f.size) for f in mem.files] == [("memory:///cat/c.txt", 3), ("memory:///cat/sub/b.txt", 2)]
     assert [f.path for f in resolve_corpus("glob", path).files] == ["memory:///cat/c.txt"]
@@ -378,8 +386,10 @@ def test_file_urls_are_local_paths(tmp_path):
     assert [f.path for f in resolve_corpus("f", path).files] == [str(tmp_path / "d" / "a.txt")]
 
 
-@pytest.mark.parametrize("url, expected", [("memory:///nothing/here.txt", "does not exist"),
-                                           ("nosuchproto://bucket/x", "install the fsspec backend")])
+@pytest.mark.parametrize(
+    "url, expected",
+    [("memory:///nothing/here.txt", "does not exist"), ("nosuchproto://bucket/x", "install the fsspec backend")],
+)
 def test_missing_and_unreachable_urls_are_named(tmp_path, url, expected):
     path = catalog_file(tmp_path, f"corpora:\n  r: {{paths: ['{url}']}}\n")
     message = user_error(lambda: resolve_corpus("r", path))
@@ -400,9 +410,13 @@ def cli(*args: str):
 def test_catalog_list_and_show(tmp_path):
     write(tmp_path / "d" / "a.txt", "alpha")
     write(tmp_path / "d" / "b.txt", "be")
-    path = catalog_file(tmp_path, "corpora:\n  books: {paths: [d], license: MIT, description: Two books., format: lines}\n")
+    path = catalog_file(
+        tmp_path, "corpora:\n  books: {paths: [d], license: MIT, description: Two books., format: lines}\n"
+    )
     listed = cli("catalog", "list", "--catalog", str(path))
-    assert listed.exit_code == 0 and "books" in listed.stdout and "MIT" in listed.stdout and "Two books." in listed.stdout
+    assert (
+        listed.exit_code == 0 and "books" in listed.stdout and "MIT" in listed.stdout and "Two books." in listed.stdout
+    )
     shown = cli("catalog", "show", "books", "--catalog", str(path))
     corpus = resolve_corpus("books", path)
     assert shown.exit_code == 0
@@ -417,8 +431,11 @@ def test_catalog_validate_reports_each_broken_entry(tmp_path):
     good = catalog_file(tmp_path, "corpora:\n  ok: {paths: [d]}\n")
     result = cli("catalog", "validate", str(good))
     assert result.exit_code == 0 and "ok  ok: 1 files" in result.stdout
-    bad = write(tmp_path / "bad.yaml", "corpora:\n  ok: {paths: [d]}\n  gone: {paths: [missing.txt]}\n"
-                                       "  reuse: {paths: [d], tokenizer: {reuse: nobody}}\n")
+    bad = write(
+        tmp_path / "bad.yaml",
+        "corpora:\n  ok: {paths: [d]}\n  gone: {paths: [missing.txt]}\n"
+        "  reuse: {paths: [d], tokenizer: {reuse: nobody}}\n",
+    )
     result = cli("catalog", "validate", str(bad))
     assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -431,4 +448,6 @@ def test_catalog_validate_of_a_bad_schema_is_one_error_line(tmp_path):
     bad = catalog_file(tmp_path, "corpora:\n  x: {paths: [a], fromat: text}\n")
     result = cli("catalog", "validate", str(bad))
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines() == [f"error: catalog {bad}: entry 'x', field 'fromat': unknown field; check the spelling"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: catalog {bad}: entry 'x', field 'fromat': unknown field; check the spelling"
+    ]

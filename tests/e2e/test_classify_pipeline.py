@@ -25,8 +25,13 @@ LABELS = ("alpha", "beta", "gamma")
 # Words shared by every class are built from SHARED syllables; a class's keywords from its own.
 SHARED = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "pe", "do"]
 OWN = {"alpha": ["qua", "xe", "ix"], "beta": ["wyn", "ojo", "uff"], "gamma": ["zig", "yrr", "eck"]}
-SETTINGS = ["tokenizer.vocab_size=400", "classify.max_len=48", "data.val_fraction=0.2", "train.eval_interval=50",
-            "eval.batch_size=64"]
+SETTINGS = [
+    "tokenizer.vocab_size=400",
+    "classify.max_len=48",
+    "data.val_fraction=0.2",
+    "train.eval_interval=50",
+    "eval.batch_size=64",
+]
 
 
 def _word(rng: random.Random, syllables: list[str]) -> str:
@@ -39,7 +44,7 @@ def labelled_docs(n_per_class: int, seed: int) -> list[dict]:
     shared = [_word(vocab, SHARED) for _ in range(200)]
     keys = {label: [_word(vocab, OWN[label]) for _ in range(12)] for label in LABELS}
     rng, docs = random.Random(seed), []
-    for i in range(n_per_class):
+    for _ in range(n_per_class):
         for label in LABELS:
             words = [rng.choice(shared) for _ in range(rng.randint(6, 12))]
             for _ in range(rng.randint(2, 4)):
@@ -161,8 +166,13 @@ def test_champion_classifies_texts_in_a_fresh_process(classify_env):
                           "one": one.to_dict("records")}))
         """
     )
-    out = subprocess.run([sys.executable, "-c", script, json.dumps([d["text"] for d in fresh])],
-                         capture_output=True, text=True, cwd=classify_env["state"], timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([d["text"] for d in fresh])],
+        capture_output=True,
+        text=True,
+        cwd=classify_env["state"],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["columns"] == ["label", *(f"p_{label}" for label in LABELS)]
@@ -179,8 +189,9 @@ def test_champion_classifies_texts_in_a_fresh_process(classify_env):
 
 def cli(*args: str, state: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENMILL_HOME": str(state)}
-    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_models_and_promote_speak_the_classifier_gate(classify_env):
@@ -217,8 +228,22 @@ def test_train_refuses_lm_weights_built_with_another_tokenizer(classify_env, tmp
 
     lm_run = MlflowClient().get_model_version("tokenmill-lm", "1").run_id
     weights = classify_env["state"] / "models" / lm_run / "model.pt"
-    out = cli("train", "--task", "classify", "--shards", classify_env["first"]["manifest"], "--preset", "tiny",
-              "--max-steps", "2", "--init-from", str(weights), "--out", str(tmp_path / "run"), state=classify_env["state"])
+    out = cli(
+        "train",
+        "--task",
+        "classify",
+        "--shards",
+        classify_env["first"]["manifest"],
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--init-from",
+        str(weights),
+        "--out",
+        str(tmp_path / "run"),
+        state=classify_env["state"],
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot warm-start") and "tokenizer" in lines[0]
@@ -237,8 +262,23 @@ def test_classify_on_an_unlabelled_corpus_names_the_catalog_fields(classify_env,
 
 def test_train_a_classifier_on_existing_labelled_shards(classify_env, tmp_path):
     shards = classify_env["first"]["manifest"]
-    out = cli("train", "--task", "classify", "--shards", shards, "--preset", "tiny", "--set", "classify.max_len=48",
-              "--max-steps", "3", "--out", str(tmp_path / "run"), "--json", state=classify_env["state"])
+    out = cli(
+        "train",
+        "--task",
+        "classify",
+        "--shards",
+        shards,
+        "--preset",
+        "tiny",
+        "--set",
+        "classify.max_len=48",
+        "--max-steps",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        state=classify_env["state"],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["steps"] == 3 and result["head"]["labels"] == list(LABELS)
@@ -269,8 +309,18 @@ def test_version_tags_name_the_gate_and_leave_per_class_metrics_on_the_run(class
 def test_the_prefect_summary_shows_a_classifiers_metrics():
     from tasks.run.summary import summary_markdown
 
-    summary = {"task": "classify", "model_name": "tokenmill-classifier", "model_version": "3", "aliases": ["challenger"],
-               "val_loss": 0.25, "accuracy": 0.9375, "macro_f1": 0.9123, "labels": list(LABELS),
-               "eval_set_sha256": "a" * 64, "decision": "kept", "manifest": "m.json"}
+    summary = {
+        "task": "classify",
+        "model_name": "tokenmill-classifier",
+        "model_version": "3",
+        "aliases": ["challenger"],
+        "val_loss": 0.25,
+        "accuracy": 0.9375,
+        "macro_f1": 0.9123,
+        "labels": list(LABELS),
+        "eval_set_sha256": "a" * 64,
+        "decision": "kept",
+        "manifest": "m.json",
+    }
     text = summary_markdown(summary, "run r")
     assert "| accuracy | 0.9375 |" in text and "| macro_f1 | 0.9123 (3 classes) |" in text and "val_bpb" not in text

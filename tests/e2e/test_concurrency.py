@@ -37,16 +37,23 @@ def test_three_overlapping_runs_build_train_and_register_once(tmp_path, small_co
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(TOKENMILL_HOME=str(state), TOKENMILL_PROGRESS="0")
     cmd = [sys.executable, "-m", "tokenmill.cli", "run", str(small_corpus), "--preset", "tiny", "--max-steps", "20"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-             for _ in range(3)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=400) for p in procs]
     errs = [err for _, err in outs]
 
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-3000:] for e in errs)
     assert not [e for e in errs if "Traceback" in e], "\n".join(errs)
     # Each stage ran in exactly one process; the others waited for it and reused its output.
-    for work in ("training bpe tokenizer", "> encoding ", "training on cpu",
-                 "evaluating on the frozen eval set", "> registering tokenmill-lm"):
+    for work in (
+        "training bpe tokenizer",
+        "> encoding ",
+        "training on cpu",
+        "evaluating on the frozen eval set",
+        "> registering tokenmill-lm",
+    ):
         assert sum(work in e for e in errs) == 1, (work, errs)
     assert sum("waiting for another run" in e for e in errs) >= 1
     assert all("done  tokenmill-lm v1 " in e for e in errs)
@@ -93,7 +100,9 @@ def test_waiting_too_long_is_one_clear_error(tmp_path):
     holder.start()
     held.wait(10)
     try:
-        with pytest.raises(TokenmillError, match="gave up after 0 s waiting for another run training .*TOKENMILL_LOCK_TIMEOUT"):
+        with pytest.raises(
+            TokenmillError, match="gave up after 0 s waiting for another run training .*TOKENMILL_LOCK_TIMEOUT"
+        ):
             with exclusive(target, "training", timeout=0.2):
                 pass
     finally:

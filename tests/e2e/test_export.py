@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from model import GPT, GPTClassifier, GPTConfig
-from tasks.modeling.checkpoint import weights_sha256
-from tasks.registry.export import write_hf, write_tokenizer
 from tasks.core.tokenizer import load_tokenizer as load
+from tasks.modeling.checkpoint import weights_sha256
 from tasks.preprocess.tokenizer import chunk_lines, train_sentencepiece
+from tasks.registry.export import write_hf, write_tokenizer
 from tokenmill.errors import TokenmillError
 
 transformers = pytest.importorskip("transformers")
@@ -25,8 +25,10 @@ SOURCES = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 TRAIN_FILES, HELD_OUT = SOURCES[:30], SOURCES[-12:]
 # Whitespace runs, tabs, CRLF, digits, code, a decomposed é (NFC composes it), characters outside
 # the vocabulary (emoji, CJK: byte fallback), and text that looks like special pieces.
-TRICKY = ("def f(x):\n\tif x  >  10:   return 'naïve cafe\u0301 ℌ'\r\n\n\n        # 1234567890 3.14\n"
-          "😀 中文字符 \t\t  </s> <unk> <0x41>  ")
+TRICKY = (
+    "def f(x):\n\tif x  >  10:   return 'naïve cafe\u0301 ℌ'\r\n\n\n        # 1234567890 3.14\n"
+    "😀 中文字符 \t\t  </s> <unk> <0x41>  "
+)
 FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
@@ -47,8 +49,9 @@ def sp_model() -> bytes:
 
 def random_gpt(vocab_size: int, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=64, rope_base=5000.0,
-                       norm_eps=1e-6)
+    config = GPTConfig(
+        vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=64, rope_base=5000.0, norm_eps=1e-6
+    )
     gpt = GPT(config).eval()
     with torch.no_grad():
         for name, p in gpt.named_parameters():
@@ -72,7 +75,10 @@ def test_the_exported_lm_computes_tokenmills_logits(sp_model, exported):
     gpt, out = exported
     assert {p.name for p in out.iterdir()} == FILES
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == "ArceeForCausalLM" and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert (
+        type(hf).__name__ == "ArceeForCausalLM"
+        and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    )
     ids = held_out_ids(load(sp_model), 2 * gpt.config.block_size)
     idx = torch.tensor(ids).view(2, gpt.config.block_size)
     with torch.no_grad():
@@ -137,8 +143,16 @@ def registry(sp_model, tmp_path_factory):
         tokenizer = root / "tokenizer.model"
         tokenizer.write_bytes(sp_model)
         manifest = root / "manifest.json"
-        manifest.write_text(json.dumps({"corpus": {"fingerprint": "f" * 16}, "row_len": 64, "labels": ["a", "b"],
-                                        "config": {"data": {"normalize": "NFC"}}}))
+        manifest.write_text(
+            json.dumps(
+                {
+                    "corpus": {"fingerprint": "f" * 16},
+                    "row_len": 64,
+                    "labels": ["a", "b"],
+                    "config": {"data": {"normalize": "NFC"}},
+                }
+            )
+        )
         gpt = random_gpt(load(sp_model).get_piece_size())
         classifier = GPTClassifier(gpt.config, 2, "mean")
         sha = sha256_file(tokenizer)
@@ -151,13 +165,19 @@ def registry(sp_model, tmp_path_factory):
             logged = log_model(run_id, local, manifest, "test")
             if not client.search_registered_models(f"name='{name}'"):
                 client.create_registered_model(name)
-            return client.create_model_version(name, logged.model_uri, run_id=run_id, model_id=logged.model_id,
-                                               tags={"weights_sha256": weights_sha256(module.state_dict()), **tags})
+            return client.create_model_version(
+                name,
+                logged.model_uri,
+                run_id=run_id,
+                model_id=logged.model_id,
+                tags={"weights_sha256": weights_sha256(module.state_dict()), **tags},
+            )
 
         v1 = register("lm", gpt, {})
         client.set_registered_model_alias("lm", "champion", v1.version)
-        client.create_model_version("lm", v1.source, run_id=v1.run_id, model_id=v1.model_id,
-                                    tags={"weights_sha256": "0" * 64})
+        client.create_model_version(
+            "lm", v1.source, run_id=v1.run_id, model_id=v1.model_id, tags={"weights_sha256": "0" * 64}
+        )
         register("lm", gpt, {}, tokenizer_sha="1" * 64)
         register("clf", classifier, {}, head={"labels": ["a", "b"], "pooling": "mean"})
         yield gpt, root
@@ -185,13 +205,16 @@ def test_export_command_writes_a_checkpoint_of_a_registered_model(registry, tmp_
     assert tok("cafe\u0301")["input_ids"] == tok("café")["input_ids"]  # NFC, as the manifest's data.normalize says
 
 
-@pytest.mark.parametrize("uri, fmt, expected", [
-    ("models:/lm/1", "onnx", "unknown --format 'onnx'"),
-    ("models:/lm/2", "hf", "not 000000000000 as the version tag weights_sha256 records"),
-    ("models:/lm/3", "hf", "not 111111111111 as its config.json records"),
-    ("models:/clf/1", "hf", "is a classifier (mean pooling, linear head with a bias)"),
-    ("runs:/abc/model", "hf", "use models:/NAME@ALIAS or models:/NAME/VERSION"),
-])
+@pytest.mark.parametrize(
+    "uri, fmt, expected",
+    [
+        ("models:/lm/1", "onnx", "unknown --format 'onnx'"),
+        ("models:/lm/2", "hf", "not 000000000000 as the version tag weights_sha256 records"),
+        ("models:/lm/3", "hf", "not 111111111111 as its config.json records"),
+        ("models:/clf/1", "hf", "is a classifier (mean pooling, linear head with a bias)"),
+        ("runs:/abc/model", "hf", "use models:/NAME@ALIAS or models:/NAME/VERSION"),
+    ],
+)
 def test_an_export_that_cannot_be_exact_fails_in_one_line_and_writes_nothing(registry, tmp_path, uri, fmt, expected):
     result = tokenmill("export", uri, str(tmp_path / "hf"), "--format", fmt)
     assert result.exit_code == 2
@@ -205,4 +228,6 @@ def test_a_non_empty_out_dir_is_left_alone(registry, tmp_path):
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     result = tokenmill("export", "models:/lm/1", str(tmp_path / "hf"))
     assert result.exit_code == 2 and "exists and is not empty" in result.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["hf"] and [p.name for p in (tmp_path / "hf").iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"] and [p.name for p in (tmp_path / "hf").iterdir()] == [
+        "notes.txt"
+    ]

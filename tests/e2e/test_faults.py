@@ -85,8 +85,10 @@ def test_a_dask_worker_killed_mid_partition_loses_and_duplicates_nothing(tmp_pat
     clean = preprocess_corpus.fn(corpus, cfg.tokenizer, cfg.data, tmp_path / "clean", None, n_workers=1)
 
     killed: list[str] = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
 
         def kill_a_worker_mid_partition() -> None:
             deadline = time.time() + 120

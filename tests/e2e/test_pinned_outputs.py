@@ -33,8 +33,9 @@ TOKENMILL = str(Path(sys.executable).with_name("tokenmill"))
 def tokenmill(*args: str, home: Path) -> dict:
     env = {**os.environ, "TOKENMILL_HOME": str(home), "TOKENMILL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run([TOKENMILL, *args, "--json"], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=home.parent)
+    result = subprocess.run(
+        [TOKENMILL, *args, "--json"], capture_output=True, text=True, env=env, timeout=300, cwd=home.parent
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -52,8 +53,18 @@ def lm_shards(tmp_path_factory):
     r = random.Random(11)
     for i in range(24):
         write(root / "src" / f"mod_{i:02d}.py", python_like_module(r, i))
-    out = tokenmill("preprocess", str(root / "src"), "--preset", "tiny", "--set", "tokenizer.vocab_size=400",
-                    "--set", "data.val_fraction=0.25", *ONE_PARTITION, home=root / "home")
+    out = tokenmill(
+        "preprocess",
+        str(root / "src"),
+        "--preset",
+        "tiny",
+        "--set",
+        "tokenizer.vocab_size=400",
+        "--set",
+        "data.val_fraction=0.25",
+        *ONE_PARTITION,
+        home=root / "home",
+    )
     return root, out["manifest"]
 
 
@@ -64,8 +75,22 @@ def test_language_model_shards_are_byte_identical(lm_shards):
 
 def test_training_on_cpu_gives_the_same_weights(lm_shards):
     root, manifest = lm_shards
-    out = tokenmill("train", "--shards", manifest, "--preset", "tiny", "--set", "model.n_embd=32",
-                    "--set", "train.batch_size=8", "--device", "cpu", "--max-steps", "6", home=root / "home")
+    out = tokenmill(
+        "train",
+        "--shards",
+        manifest,
+        "--preset",
+        "tiny",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "train.batch_size=8",
+        "--device",
+        "cpu",
+        "--max-steps",
+        "6",
+        home=root / "home",
+    )
     assert out["final_loss"] == pytest.approx(5.3751516, rel=1e-6)
     kernels = torch.backends.cpu.get_cpu_capability()
     if out["weights_sha256"] != WEIGHTS_BY_KERNELS.get(kernels):
@@ -78,7 +103,19 @@ def test_classifier_shards_are_byte_identical(tmp_path):
     r = random.Random(5)
     for label in ("ham", "spam", "eggs"):
         for i in range(40):
-            write(tmp_path / "src" / label / f"{i:03d}.txt", "\n".join(sentence(r, j) for j in range(30)) + f"\n{label}\n")
-    out = tokenmill("preprocess", str(tmp_path / "src"), "--task", "classify", "--preset", "tiny",
-                    "--set", "tokenizer.vocab_size=400", *ONE_PARTITION, home=tmp_path / "home")
+            write(
+                tmp_path / "src" / label / f"{i:03d}.txt", "\n".join(sentence(r, j) for j in range(30)) + f"\n{label}\n"
+            )
+    out = tokenmill(
+        "preprocess",
+        str(tmp_path / "src"),
+        "--task",
+        "classify",
+        "--preset",
+        "tiny",
+        "--set",
+        "tokenizer.vocab_size=400",
+        *ONE_PARTITION,
+        home=tmp_path / "home",
+    )
     assert shards_digest(out["manifest"]) == "1aa70a60274216c88388d41c5c85b60ef3d751892a6859274106634586084c2e"

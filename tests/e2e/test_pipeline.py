@@ -100,8 +100,9 @@ def test_champion_loads_and_predicts_in_a_fresh_process(pipeline_env):
         """
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         cwd=pipeline_env["state"], timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=pipeline_env["state"], timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(result["text"]) == 2 and all(isinstance(t, str) and t for t in result["text"])
@@ -119,8 +120,14 @@ def test_run_records_lineage_artifacts_and_report(pipeline_env):
     assert run.data.tags["prefect.flow_run_id"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {a.path for d in ("eval", "data") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"config.json", "eval/report.md", "eval/loss_curve.png", "eval/generations.json",
-            "data/manifest.json", "data/tokenizer.model"} <= artifacts
+    assert {
+        "config.json",
+        "eval/report.md",
+        "eval/loss_curve.png",
+        "eval/generations.json",
+        "data/manifest.json",
+        "data/tokenizer.model",
+    } <= artifacts
     datasets = run.inputs.dataset_inputs
     assert datasets and datasets[0].dataset.name == "python-stdlib"
     lineage = {t.key: t.value for t in datasets[0].tags}
@@ -143,8 +150,9 @@ def test_stage_progress_and_the_summary_reach_the_prefect_run_logs(pipeline_env)
     messages, page = [], None
     with get_client(sync_client=True) as client:
         while page != []:  # the API returns at most 200 a call
-            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
-                                    offset=len(messages))
+            page = client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=len(messages)
+            )
             messages += [log.message for log in page]
     assert any(m.startswith("training on cpu") for m in messages), messages[:50]
     summary = next(m for m in messages if m.startswith("run summary"))
@@ -160,15 +168,18 @@ def test_registration_is_idempotent_under_a_retry(pipeline_env):
     client = MlflowClient()
     before = len(client.search_model_versions("name='tokenmill-lm'"))
     evaluation = pipeline_env["evaluation_of_first"]
-    again = register_candidate.fn(first["mlflow_run_id"], evaluation, first["manifest"], "python-stdlib", "tokenmill-lm", 0.005)
+    again = register_candidate.fn(
+        first["mlflow_run_id"], evaluation, first["manifest"], "python-stdlib", "tokenmill-lm", 0.005
+    )
     assert again.version == first["model_version"]
     assert len(client.search_model_versions("name='tokenmill-lm'")) == before
 
 
 def cli(*args: str, env_state) -> subprocess.CompletedProcess:
     env = {**os.environ, "TOKENMILL_HOME": str(env_state)}
-    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_evaluate_any_version_from_the_command_line(pipeline_env):

@@ -22,15 +22,16 @@ import pyarrow as pa
 import pytest
 
 from data_catalog.loader import resolve_corpus
-from preprocess_helpers import python_like_module, write
 from tasks.core import manifest as mf
-from tasks.preprocess import stage as preprocess
 from tasks.core.atomic import sha256_file
+from tasks.core.shards import ShardSet
+from tasks.preprocess import stage as preprocess
 from tasks.preprocess.base import output_dir
 from tasks.preprocess.partitions import plan_partitions
-from tasks.core.shards import ShardSet
 from tokenmill.config import DataConfig, TokenizerConfig
 from tokenmill.errors import TokenmillError
+
+from preprocess_helpers import python_like_module, write
 
 E2E_TOKENIZER = TokenizerConfig(vocab_size=400, sample_bytes=100_000)
 E2E_DATA = DataConfig(context_len=32, val_fraction=0.2, partition_bytes=20_000)
@@ -70,7 +71,12 @@ def test_preprocess_writes_a_verified_manifest(e2e):
     assert manifest_path.parent == output_dir(corpus, E2E_TOKENIZER, E2E_DATA, manifest_path.parent.parent)
     assert (manifest["row_len"], manifest["dtype"]) == (33, "uint16")
     assert manifest["tokenizer"]["vocab_size"] == 400 and manifest["tokenizer"]["origin"] == "trained"
-    assert manifest["corpus"] == {"name": "src", "fingerprint": corpus.fingerprint, "files": 41, "bytes": corpus.total_bytes}
+    assert manifest["corpus"] == {
+        "name": "src",
+        "fingerprint": corpus.fingerprint,
+        "files": 41,
+        "bytes": corpus.total_bytes,
+    }
     stats = manifest["stats"]
     assert (stats["docs_in"], stats["duplicates"], stats["docs_out"]) == (41, 1, 40)
     assert stats["partitions_repacked"] == 1  # the copy's partition: its tokens cut out, nothing encoded twice
@@ -102,7 +108,9 @@ def test_shards_do_not_depend_on_the_number_of_workers(e2e):
     two = run(root / "src", root / "w2", tokenizer, n_workers=2)
     four = run(root / "src", root / "w4", tokenizer, n_workers=4)  # workers forked from a fork server
     assert shard_shas(one) == shard_shas(two) == shard_shas(four) == shard_shas(manifest_path)
-    assert [s["path"] for s in json.loads(one.read_text())["shards"]] == [s["path"] for s in json.loads(four.read_text())["shards"]]
+    assert [s["path"] for s in json.loads(one.read_text())["shards"]] == [
+        s["path"] for s in json.loads(four.read_text())["shards"]
+    ]
 
 
 def test_a_local_cluster_never_starts_more_workers_than_partitions(monkeypatch):
@@ -144,8 +152,12 @@ def test_incremental_reencodes_only_what_changed_and_keeps_dedup_exact(tmp_path)
     assert grown["stats"]["partitions_reused"] == len(parts) - len(encoded)
     assert grown["stats"]["duplicates"] == first["stats"]["duplicates"] + 1
     assert grown["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
-    fresh = run(src, tmp_path / "fresh", TokenizerConfig(vocab_size=400, reuse=str(grown_path)),
-                DataConfig(**{**E2E_DATA.model_dump(), "incremental": False}))
+    fresh = run(
+        src,
+        tmp_path / "fresh",
+        TokenizerConfig(vocab_size=400, reuse=str(grown_path)),
+        DataConfig(**{**E2E_DATA.model_dump(), "incremental": False}),
+    )
     assert shard_shas(fresh) == shard_shas(grown_path)  # the same shards as a build from scratch
 
 
@@ -162,7 +174,10 @@ def test_an_explicit_tokenizer_from_another_corpus_is_reused(e2e, tmp_path):
 def test_a_corpus_with_no_usable_documents_names_the_reason(tmp_path):
     write(tmp_path / "bad" / "a.jsonl", '{"body": "x"}\n{"body": "y"}\n')
     write(tmp_path / "bad" / "b.jsonl", "")
-    with pytest.raises(TokenmillError, match=r"no usable documents in 2 files.*dropped_missing_field: 2 \(first: .*a.jsonl:1\).*text_field"):
+    with pytest.raises(
+        TokenmillError,
+        match=r"no usable documents in 2 files.*dropped_missing_field: 2 \(first: .*a.jsonl:1\).*text_field",
+    ):
         run(tmp_path / "bad", tmp_path / "shards")
     assert not list((tmp_path / "shards").glob("*/manifest.json"))
 
@@ -198,8 +213,9 @@ def slow_encode(*args, **kwargs):  # pickled by value, so the workers run it too
 
 if __name__ == "__main__":
     encode.encode_partition = slow_encode
-    preprocess.preprocess_corpus.fn(resolve_corpus(sys.argv[1]), TokenizerConfig(vocab_size=400, sample_bytes=100_000),
-                                    DataConfig(context_len=32, val_fraction=0.2, partition_bytes=20_000), Path(sys.argv[2]))
+    tokenizer = TokenizerConfig(vocab_size=400, sample_bytes=100_000)
+    data = DataConfig(context_len=32, val_fraction=0.2, partition_bytes=20_000)
+    preprocess.preprocess_corpus.fn(resolve_corpus(sys.argv[1]), tokenizer, data, Path(sys.argv[2]))
 """
 
 
@@ -207,8 +223,14 @@ def test_a_run_killed_mid_write_leaves_nothing_trusted_and_a_rerun_completes_it(
     src = make_corpus(tmp_path / "src", n=40, seed=2)
     script = write(tmp_path / "killed_run.py", textwrap.dedent(KILLED_RUN))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TOKENMILL_PROGRESS": "0"}
-    child = subprocess.Popen([sys.executable, str(script), str(src), str(tmp_path / "shards")], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(src), str(tmp_path / "shards")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 90
         while len(list((tmp_path / "shards").glob("*/parts/*.json"))) < 3 and time.time() < deadline:
@@ -229,24 +251,51 @@ def test_a_run_killed_mid_write_leaves_nothing_trusted_and_a_rerun_completes_it(
     assert manifest["stats"]["partitions_reused"] >= 3
     assert manifest["stats"]["partitions_reused"] < manifest["stats"]["partitions"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    clean = run(src, tmp_path / "clean", TokenizerConfig(vocab_size=400, reuse=str(manifest_path)),
-                DataConfig(**{**E2E_DATA.model_dump(), "incremental": False}))
+    clean = run(
+        src,
+        tmp_path / "clean",
+        TokenizerConfig(vocab_size=400, reuse=str(manifest_path)),
+        DataConfig(**{**E2E_DATA.model_dump(), "incremental": False}),
+    )
     assert shard_shas(clean) == shard_shas(manifest_path)
     assert sha256_file(out / "tokenizer.model") == manifest["tokenizer"]["sha256"]
     shutil.rmtree(tmp_path / "clean")
 
 
 def tokenmill_data(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": os.environ["PATH"], "TOKENMILL_HOME": str(home), "HOME": str(home.parent), "TOKENMILL_PROGRESS": "0",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return subprocess.run([sys.executable, "-m", "tokenmill.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300, cwd=home.parent)
+    env = {
+        "PATH": os.environ["PATH"],
+        "TOKENMILL_HOME": str(home),
+        "HOME": str(home.parent),
+        "TOKENMILL_PROGRESS": "0",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tokenmill.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=home.parent,
+    )
 
 
 def test_the_preprocess_command_ends_with_the_manifest_as_json(tmp_path):
     src = make_corpus(tmp_path / "src", n=20, seed=3)
-    result = tokenmill_data("preprocess", str(src), "--preset", "tiny", "--set", "tokenizer.vocab_size=400", "--set", "data.val_fraction=0.3",
-                            "--workers", "1", "--json", home=tmp_path / "home")
+    result = tokenmill_data(
+        "preprocess",
+        str(src),
+        "--preset",
+        "tiny",
+        "--set",
+        "tokenizer.vocab_size=400",
+        "--set",
+        "data.val_fraction=0.3",
+        "--workers",
+        "1",
+        "--json",
+        home=tmp_path / "home",
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(out["manifest"]).is_file() and Path(out["manifest"]).is_relative_to(tmp_path / "home" / "shards")
@@ -255,10 +304,13 @@ def test_the_preprocess_command_ends_with_the_manifest_as_json(tmp_path):
     assert "preprocessed src: 20 documents in" in result.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["preprocess", "no-such-corpus"], "unknown corpus 'no-such-corpus'"),
-    (["preprocess", "python-stdlib", "--set", "data.on_decode_error=maybe"], "data.on_decode_error"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["preprocess", "no-such-corpus"], "unknown corpus 'no-such-corpus'"),
+        (["preprocess", "python-stdlib", "--set", "data.on_decode_error=maybe"], "data.on_decode_error"),
+    ],
+)
 def test_the_preprocess_command_reports_bad_input_in_one_line(tmp_path, args, expected):
     result = tokenmill_data(*args, home=tmp_path / "home")
     assert result.returncode == 2

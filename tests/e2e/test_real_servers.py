@@ -46,14 +46,20 @@ class Services:
     def __init__(self, root: Path):
         self.root, self.procs = root, []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "TOKENMILL_"))}
-        self.env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                        PREFECT_LOGGING_LEVEL="WARNING", MLFLOW_DISABLE_TELEMETRY="true",
-                        TOKENMILL_HOME=str(root / "state"), TOKENMILL_PROGRESS="0")
+        self.env.update(
+            PREFECT_HOME=str(root / "prefect-home"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_LOGGING_LEVEL="WARNING",
+            MLFLOW_DISABLE_TELEMETRY="true",
+            TOKENMILL_HOME=str(root / "state"),
+            TOKENMILL_PROGRESS="0",
+        )
 
     def start(self, name: str, *cmd: str) -> None:
         log = self.root / f"{name}.log"
-        proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                cwd=self.root, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True
+        )
         self.procs.append((name, proc, log))
 
     def stop(self) -> None:
@@ -83,13 +89,38 @@ def test_corpus_update_event_triggers_a_served_retrain_that_registers(services):
     mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
     dask_address = f"tcp://127.0.0.1:{dask_port}"
 
-    services.start("prefect", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port))
-    services.start("mlflow", str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                   "--workers", "1", "--backend-store-uri", f"sqlite:///{services.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(services.root / "mlartifacts"))
-    services.start("dask-scheduler", str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(dask_port), "--no-dashboard")
+    services.start(
+        "prefect", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)
+    )
+    services.start(
+        "mlflow",
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{services.root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(services.root / "mlartifacts"),
+    )
+    services.start(
+        "dask-scheduler",
+        str(BIN / "dask"),
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(dask_port),
+        "--no-dashboard",
+    )
     for i in range(2):
-        services.start(f"dask-worker-{i}", str(BIN / "dask"), "worker", dask_address, "--nthreads", "1", "--no-dashboard")
+        services.start(
+            f"dask-worker-{i}", str(BIN / "dask"), "worker", dask_address, "--nthreads", "1", "--no-dashboard"
+        )
     wait_http(f"{api}/health", 180, services.procs)
     wait_http(f"{mlflow_uri}/health", 120, services.procs)
 
@@ -99,8 +130,13 @@ def test_corpus_update_event_triggers_a_served_retrain_that_registers(services):
     wait_for(lambda: automation_for(api, deployment["id"]), 60, services, "the deployment's trigger")
     time.sleep(5)  # let the server's trigger service load the new automation
 
-    emitted = subprocess.run([str(BIN / "tokenmill"), "corpus-updated", "python-stdlib"], env=services.env,
-                             capture_output=True, text=True, timeout=60)
+    emitted = subprocess.run(
+        [str(BIN / "tokenmill"), "corpus-updated", "python-stdlib"],
+        env=services.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert emitted.returncode == 0, emitted.stderr
 
     run = wait_for(lambda: finished_run(api, deployment["id"]), 420, services, "the triggered flow run")

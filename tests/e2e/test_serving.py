@@ -29,14 +29,15 @@ import pytest
 import torch
 
 from model import GPT, GPTClassifier, GPTConfig
-from preprocess_helpers import small_tokenizer
-from tasks.registry import model_store
+from tasks.core.shards import PAD_ID
 from tasks.modeling.checkpoint import weights_sha256
 from tasks.modeling.evaluation import Evaluation
 from tasks.modeling.local_model import LocalModel
 from tasks.modeling.pyfunc_io import bits_per_byte, complete, encode_texts
+from tasks.registry import model_store
 from tasks.registry.versions import register_candidate
-from tasks.core.shards import PAD_ID
+
+from preprocess_helpers import small_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 OLD_PYFUNC = Path(__file__).resolve().parents[1] / "fixtures" / "old_pyfunc"
@@ -95,10 +96,17 @@ def registered(tmp_path_factory):
     experiment = client.create_experiment("serving", artifact_location=(root / "mlartifacts").as_uri())
     tokenizer, tokenizer_sha, sp = small_tokenizer(root / "tok")
     manifest = root / "manifest.json"
-    manifest.write_text(json.dumps({
-        "corpus": {"fingerprint": "f" * 64}, "row_len": MAX_LEN, "labels": LABELS,
-        "config": {"data": {"normalize": NORMALIZE}}, "tokenizer": {"path": str(tokenizer), "sha256": tokenizer_sha},
-    }))
+    manifest.write_text(
+        json.dumps(
+            {
+                "corpus": {"fingerprint": "f" * 64},
+                "row_len": MAX_LEN,
+                "labels": LABELS,
+                "config": {"data": {"normalize": NORMALIZE}},
+                "tokenizer": {"path": str(tokenizer), "sha256": tokenizer_sha},
+            }
+        )
+    )
     gpt_config = {"vocab_size": sp.get_piece_size(), **SHAPES}
     torch.manual_seed(0)
     lm = sharpened(GPT(GPTConfig(**gpt_config)).eval())
@@ -106,15 +114,22 @@ def registered(tmp_path_factory):
     env = {"root": root, "sp": sp, "lm": lm, "clf": clf, "manifest": manifest, "experiment": experiment}
     lm_eval = {"task": "lm", "metrics": {"val_bpb": 8.0}, "samples": [{"prompt": "def", "completion": " f"}]}
     clf_eval = {"task": "classify", "metrics": {"macro_f1": 0.3, "accuracy": 0.3}}
-    for name, net, head, evaluation in (("tokenmill-lm", lm, None, lm_eval),
-                                        ("tokenmill-classifier", clf, {"labels": LABELS, "pooling": "mean"}, clf_eval)):
+    for name, net, head, evaluation in (
+        ("tokenmill-lm", lm, None, lm_eval),
+        ("tokenmill-classifier", clf, {"labels": LABELS, "pooling": "mean"}, clf_eval),
+    ):
         weights = root / f"{name}.pt"
         torch.save(net.state_dict(), weights)
         local = LocalModel(weights, tokenizer, gpt_config, tokenizer_sha, head)
         with mlflow.start_run(experiment_id=experiment) as run:
             pass
-        scored = Evaluation(local, eval_set_sha256="e" * 64, eval_max_rows=1,
-                            weights_sha256=weights_sha256(net.state_dict()), **evaluation)
+        scored = Evaluation(
+            local,
+            eval_set_sha256="e" * 64,
+            eval_max_rows=1,
+            weights_sha256=weights_sha256(net.state_dict()),
+            **evaluation,
+        )
         registration = register_candidate.fn(run.info.run_id, scored, manifest, "tiny", name, 0.005)
         assert registration.aliases == ["challenger", "champion"]
         env[name] = local
@@ -130,21 +145,28 @@ def outside_env(root: Path) -> dict[str, str]:
     site = root / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {**os.environ, "PYTHONPATH": str(site), "TOKENMILL_CHECKOUT": str(REPO),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "TOKENMILL_CHECKOUT": str(REPO),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def run_python(script: str, cwd: Path, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                         cwd=cwd, env=env, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, cwd=cwd, env=env, timeout=240
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def expected_completions(registered, prompts, max_new_tokens):
     generator = torch.Generator().manual_seed(0)
-    return [complete(registered["lm"], registered["sp"], p, max_new_tokens, 0.0, 50, generator, torch.device("cpu"))
-            for p in prompts]
+    return [
+        complete(registered["lm"], registered["sp"], p, max_new_tokens, 0.0, 50, generator, torch.device("cpu"))
+        for p in prompts
+    ]
 
 
 @torch.no_grad()
@@ -184,8 +206,19 @@ def test_logged_model_pins_what_it_imports_and_carries_its_code(registered):
 
 
 def test_wrappers_import_only_the_model_package_pyfunc_io_and_libraries():
-    allowed = {"__future__", "json", "math", "unicodedata", "mlflow", "numpy", "pandas", "torch", "sentencepiece",
-               "model", "pyfunc_io"}
+    allowed = {
+        "__future__",
+        "json",
+        "math",
+        "unicodedata",
+        "mlflow",
+        "numpy",
+        "pandas",
+        "torch",
+        "sentencepiece",
+        "model",
+        "pyfunc_io",
+    }
     for path in (model_store.PYFUNC_CODE, model_store.CLASSIFIER_PYFUNC_CODE, model_store.PYFUNC_IO):
         tree = ast.parse(path.read_text())
         names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
@@ -235,7 +268,7 @@ def test_registered_models_load_and_predict_where_tokenmill_cannot_be_imported(r
 
 
 def test_models_logged_before_the_code_travelled_still_load_where_tokenmill_is_installed(registered, tmp_path):
-    """Their wrappers import tasks.evaluate.report.complete, tasks.modeling.pyfunc_io.texts_of, tasks.core.shards.PAD_ID."""
+    """Their wrappers import tasks.report.complete, tasks.pyfunc_io.texts_of, tasks.shards.PAD_ID."""
     import mlflow
 
     lm, clf = registered["tokenmill-lm"], registered["tokenmill-classifier"]
@@ -249,9 +282,14 @@ def test_models_logged_before_the_code_travelled_still_load_where_tokenmill_is_i
         ):
             (tmp_path / f"{name}.json").write_text(json.dumps(conf))
             info = mlflow.pyfunc.log_model(
-                name=name, python_model=str(OLD_PYFUNC / f"{name}_pyfunc.py"), signature=signature,
-                artifacts={"weights": str(local.weights), "tokenizer": str(local.tokenizer),
-                           "config": str(tmp_path / f"{name}.json")},
+                name=name,
+                python_model=str(OLD_PYFUNC / f"{name}_pyfunc.py"),
+                signature=signature,
+                artifacts={
+                    "weights": str(local.weights),
+                    "tokenizer": str(local.tokenizer),
+                    "config": str(tmp_path / f"{name}.json"),
+                },
                 pip_requirements=["tokenmill", "torch", "sentencepiece", "numpy", "mlflow"],
             )
             uris[name] = info.model_uri
@@ -280,8 +318,21 @@ def free_port() -> int:
 def start_server(uri: str, cwd: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = cwd / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the server
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", log
@@ -318,8 +369,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def invoke(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, json.loads(reply.read())

@@ -174,8 +174,7 @@ def test_sampling_is_reproducible_with_a_generator():
     model = tiny_model()
     idx, _ = random_batch(model.config.vocab_size, B=2, T=4)
     runs = [
-        model.generate(idx, 8, temperature=1.0, generator=torch.Generator().manual_seed(s))
-        for s in (123, 123, 124)
+        model.generate(idx, 8, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (123, 123, 124)
     ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
@@ -189,7 +188,9 @@ def test_decoding_one_token_at_a_time_with_caches_matches_the_full_forward():
     full, _ = model(idx, targets)  # (B, T, vocab)
     caches = [KVCache(16) for _ in model.transformer.h]
     prefill, _ = model(idx[:, :6], caches=caches)
-    steps = [model(idx[:, [t]], caches=caches)[0] for t in range(6, 16)]  # each sees all keys so far, at its own position
+    steps = [
+        model(idx[:, [t]], caches=caches)[0] for t in range(6, 16)
+    ]  # each sees all keys so far, at its own position
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
 
 

@@ -18,18 +18,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_catalog.loader import CorpusEntry, fingerprint, load_catalog, resolve_corpus, resolve_entry
-from preprocess_helpers import sentence, small_tokenizer, write
 from tasks.core import manifest as mf
+from tasks.core.shards import PAD_ID, LabelledShardSet
+from tasks.core.shards import read_labelled as read_shard
+from tasks.preprocess.base import resolve_output
 from tasks.preprocess.documents import DocRules, LabelRules, Tally, read_labelled
 from tasks.preprocess.labelled import ScanResult, select_documents, stratified_val, val_fraction_for
 from tasks.preprocess.partitions import plan_partitions
-from tasks.preprocess.stage import preprocess_corpus
-from tasks.preprocess.base import resolve_output
-from tasks.core.shards import PAD_ID, LabelledShardSet, read_labelled as read_shard
 from tasks.preprocess.sources import Piece
+from tasks.preprocess.stage import preprocess_corpus
+from tasks.run.plan import plan_run
 from tokenmill.config import ClassifyConfig, DataConfig, TokenizerConfig
 from tokenmill.errors import TokenmillError
-from tasks.run.plan import plan_run
+
+from preprocess_helpers import sentence, small_tokenizer, write
 
 
 def user_error(call) -> str:
@@ -65,15 +67,18 @@ def test_an_entry_with_labels_defaults_to_classify_and_one_without_to_lm():
     assert CorpusEntry(paths=["x"], label_dirs=True, labels=[0, "b"]).labels == ["0", "b"]
 
 
-@pytest.mark.parametrize("fields, expected", [
-    ({"format": "jsonl", "label_field": "y", "label_dirs": True}, "not both"),
-    ({"format": "text", "label_field": "y"}, "label_field needs format jsonl, parquet or auto"),
-    ({"format": "jsonl", "label_field": "text"}, "label_field and text_field are both 'text'"),
-    ({"label_dirs": True, "labels": ["a"]}, "at least two classes"),
-    ({"label_dirs": True, "labels": ["a", "a"]}, "lists a label twice"),
-    ({"labels": ["a", "b"]}, "set label_field or label_dirs"),
-    ({"task": "classify"}, "task classify needs labels"),
-])
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"format": "jsonl", "label_field": "y", "label_dirs": True}, "not both"),
+        ({"format": "text", "label_field": "y"}, "label_field needs format jsonl, parquet or auto"),
+        ({"format": "jsonl", "label_field": "text"}, "label_field and text_field are both 'text'"),
+        ({"label_dirs": True, "labels": ["a"]}, "at least two classes"),
+        ({"label_dirs": True, "labels": ["a", "a"]}, "lists a label twice"),
+        ({"labels": ["a", "b"]}, "set label_field or label_dirs"),
+        ({"task": "classify"}, "task classify needs labels"),
+    ],
+)
 def test_inconsistent_label_fields_are_named_in_the_catalog(tmp_path, fields, expected):
     write(tmp_path / "a.txt", "x")
     body = {"corpora": {"c": {"paths": ["a.txt"], **fields}}}
@@ -95,8 +100,12 @@ def test_directory_per_class_labels_are_the_directory_below_the_static_root(tmp_
     write(tmp_path / "more" / "neutral" / "d.txt", "d")
     entry = CorpusEntry(paths=["data/*/*.txt", "more/neutral"], label_dirs=True)
     corpus = resolve_entry("c", entry, tmp_path)
-    assert {Path(f.path).name: f.label for f in corpus.files} == {"a.txt": "pos", "b.txt": "pos", "c.txt": "neg",
-                                                                  "d.txt": "neutral"}
+    assert {Path(f.path).name: f.label for f in corpus.files} == {
+        "a.txt": "pos",
+        "b.txt": "pos",
+        "c.txt": "neg",
+        "d.txt": "neutral",
+    }
 
 
 def test_catalog_show_names_the_task_and_where_labels_come_from(tmp_path):
@@ -105,8 +114,12 @@ def test_catalog_show_names_the_task_and_where_labels_come_from(tmp_path):
     from tokenmill.cli import app
 
     jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "p"}])
-    cat = write(tmp_path / "catalog.yaml", json.dumps({"corpora": {
-        "c": {"paths": ["d.jsonl"], "format": "jsonl", "label_field": "y", "labels": ["p", "q"]}}}))
+    cat = write(
+        tmp_path / "catalog.yaml",
+        json.dumps(
+            {"corpora": {"c": {"paths": ["d.jsonl"], "format": "jsonl", "label_field": "y", "labels": ["p", "q"]}}}
+        ),
+    )
     shown = CliRunner().invoke(app, ["catalog", "show", "c", "--catalog", str(cat)])
     assert shown.exit_code == 0
     assert "task         classify" in shown.stdout and "labels       field 'y'; labels p, q" in shown.stdout
@@ -123,8 +136,10 @@ def test_the_bundled_demo_is_labelled_by_package():
 
 def test_the_task_is_the_entry_s_unless_overridden(tmp_path):
     jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "p"}])
-    cat = write(tmp_path / "catalog.yaml", json.dumps({"corpora": {
-        "c": {"paths": ["d.jsonl"], "format": "jsonl", "label_field": "y"}}}))
+    cat = write(
+        tmp_path / "catalog.yaml",
+        json.dumps({"corpora": {"c": {"paths": ["d.jsonl"], "format": "jsonl", "label_field": "y"}}}),
+    )
     assert plan_run("c", catalog=str(cat)).config.task == "classify"
     assert plan_run("c", catalog=str(cat), task="lm").config.task == "lm"
     assert plan_run("c", catalog=str(cat), overrides=["task=lm"]).config.task == "lm"
@@ -155,11 +170,21 @@ def test_an_ad_hoc_directory_trains_a_classifier_from_its_subdirectories(tmp_pat
 
 
 def test_jsonl_labels_strings_and_integers_missing_unknown_and_bad_are_counted(tmp_path):
-    path = jsonl(tmp_path / "d.jsonl", [
-        {"text": "one", "y": "spam"}, {"text": "two", "y": 7}, {"text": "three"}, {"text": "four", "y": None},
-        {"text": "five", "y": ""}, {"text": "six", "y": 1.5}, {"text": "seven", "y": ["a"]}, {"text": "eight", "y": True},
-        {"text": "nine", "y": {"k": 1}}, {"text": "ten", "y": "ham"},
-    ])
+    path = jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"text": "one", "y": "spam"},
+            {"text": "two", "y": 7},
+            {"text": "three"},
+            {"text": "four", "y": None},
+            {"text": "five", "y": ""},
+            {"text": "six", "y": 1.5},
+            {"text": "seven", "y": ["a"]},
+            {"text": "eight", "y": True},
+            {"text": "nine", "y": {"k": 1}},
+            {"text": "ten", "y": "ham"},
+        ],
+    )
     docs, tally, seen = labelled(path, DocRules(format="jsonl"), LabelRules("y", ("spam", "7")))
     assert docs == [("one", "spam"), ("two", "7")]
     assert tally.counts["dropped_missing_label"] == 3
@@ -177,7 +202,9 @@ def test_a_bad_label_stops_the_run_with_on_bad_record_fail(tmp_path):
     assert f"{path}:2" in message and "label [1, 2] is not a string or integer" in message
 
 
-@pytest.mark.parametrize("labels, names", [(["a", "b", None, "a"], ["a", "b", "a"]), ([3, 4, None, 3], ["3", "4", "3"])])
+@pytest.mark.parametrize(
+    "labels, names", [(["a", "b", None, "a"], ["a", "b", "a"]), ([3, 4, None, 3], ["3", "4", "3"])]
+)
 def test_parquet_label_columns_of_strings_or_integers(tmp_path, labels, names):
     path = parquet(tmp_path / "d.parquet", text=["w", "x", "y", "z"], y=labels)
     docs, tally, _ = labelled(path, DocRules(format="parquet"), LabelRules("y"))
@@ -221,8 +248,11 @@ def test_a_large_parquet_file_is_cut_by_row_groups_and_read_once(tmp_path):
     assert tally.counts["files"] == 1 and tally.counts["docs_in"] == 40
     last = pieces[-1]
     tally = Tally()
-    list(read_labelled(Piece(str(path), last.start, last.end), DocRules(format="parquet", min_chars=10**4),
-                       LabelRules("y"), tally))
+    list(
+        read_labelled(
+            Piece(str(path), last.start, last.end), DocRules(format="parquet", min_chars=10**4), LabelRules("y"), tally
+        )
+    )
     assert tally.first["dropped_too_short"] == f"{path}:row {last.start * 4 + 1}"  # rows numbered from the file's start
 
 
@@ -231,7 +261,9 @@ def test_a_large_parquet_file_is_cut_by_row_groups_and_read_once(tmp_path):
 
 def scan(index: int, hashes: list[int], labels: list[str]) -> ScanResult:
     names = sorted(set(labels))
-    return ScanResult(index, np.array(hashes, np.uint64), np.array([names.index(n) for n in labels], np.int32), names, Tally())
+    return ScanResult(
+        index, np.array(hashes, np.uint64), np.array([names.index(n) for n in labels], np.int32), names, Tally()
+    )
 
 
 def test_dedup_keeps_the_first_and_counts_label_conflicts():
@@ -272,24 +304,43 @@ def tokenizer(tmp_path_factory):
 def labelled_corpus(root: Path, n: int = 240) -> Path:
     r = random.Random(0)
     records = [{"text": sentence(r, i) * (1 + i % 5), "y": LABELS[i % 3]} for i in range(n)]
-    records += [{"text": records[0]["text"], "y": "dog"}, {"text": records[1]["text"], "y": "dog"}]  # a conflict, a duplicate
+    records += [
+        {"text": records[0]["text"], "y": "dog"},
+        {"text": records[1]["text"], "y": "dog"},
+    ]  # a conflict, a duplicate
     records += [{"text": "a record without a label"}, {"text": "an unknown one", "y": "cow"}]
     return jsonl(root / "d.jsonl", records)
 
 
-def run(root: Path, corpus_path: Path, tokenizer, workers: int = 1, max_len: int = 16, data: dict | None = None, **entry):
+def run(
+    root: Path, corpus_path: Path, tokenizer, workers: int = 1, max_len: int = 16, data: dict | None = None, **entry
+):
     entry = {"format": "jsonl", "label_field": "y", **entry}
     corpus = resolve_entry("pets", CorpusEntry(paths=[str(corpus_path)], **entry), root)
     data = DataConfig(**{"val_fraction": 0.1, "partition_bytes": 4096, **(data or {})})
-    return preprocess_corpus.fn(corpus, TokenizerConfig(), data, root / "shards", n_workers=workers,
-                                reuse_tokenizer=tokenizer[0], classify=ClassifyConfig(max_len=max_len), task="classify")
+    return preprocess_corpus.fn(
+        corpus,
+        TokenizerConfig(),
+        data,
+        root / "shards",
+        n_workers=workers,
+        reuse_tokenizer=tokenizer[0],
+        classify=ClassifyConfig(max_len=max_len),
+        task="classify",
+    )
 
 
 def test_labelled_shards_end_to_end(tmp_path, tokenizer):
     path = labelled_corpus(tmp_path)
     entry = CorpusEntry(paths=[str(path)], format="jsonl", label_field="y", labels=["cat", "dog", "3"])
-    _, _, out = resolve_output(resolve_entry("pets", entry, tmp_path), TokenizerConfig(), DataConfig(val_fraction=0.1,
-                               partition_bytes=4096), tmp_path / "shards", tokenizer[0], ClassifyConfig(max_len=16))
+    _, _, out = resolve_output(
+        resolve_entry("pets", entry, tmp_path),
+        TokenizerConfig(),
+        DataConfig(val_fraction=0.1, partition_bytes=4096),
+        tmp_path / "shards",
+        tokenizer[0],
+        ClassifyConfig(max_len=16),
+    )
     leftover = write(out / ".train-00000.arrow.x1.tmp", "a killed run's partial shard")
     os.utime(leftover, (0, 0))
     manifest_path = run(tmp_path, path, tokenizer, labels=["cat", "dog", "3"])
@@ -337,13 +388,23 @@ def test_one_or_two_workers_give_identical_shards(tmp_path, tokenizer):
     assert one["label_counts"] == two["label_counts"]
 
 
-@pytest.mark.parametrize("records, entry, expected", [
-    ([{"text": f"doc {i}", "y": "a"} for i in range(6)], {}, "has only one label 'a'"),
-    ([{"text": f"doc {i}", "y": "a" if i % 2 else "b"} for i in range(6)], {"labels": ["a", "c"]}, "only one label 'a'"),
-    ([{"text": f"doc {i}", "z": "a"} for i in range(6)], {}, "labels absent from"),
-    ([{"text": "doc 1", "y": "a"}, {"text": "doc 2", "y": 2.5}], {"data": {"on_bad_record": "fail"}},
-     "label 2.5 is not a string or integer"),
-])
+@pytest.mark.parametrize(
+    "records, entry, expected",
+    [
+        ([{"text": f"doc {i}", "y": "a"} for i in range(6)], {}, "has only one label 'a'"),
+        (
+            [{"text": f"doc {i}", "y": "a" if i % 2 else "b"} for i in range(6)],
+            {"labels": ["a", "c"]},
+            "only one label 'a'",
+        ),
+        ([{"text": f"doc {i}", "z": "a"} for i in range(6)], {}, "labels absent from"),
+        (
+            [{"text": "doc 1", "y": "a"}, {"text": "doc 2", "y": 2.5}],
+            {"data": {"on_bad_record": "fail"}},
+            "label 2.5 is not a string or integer",
+        ),
+    ],
+)
 def test_bad_labelled_corpora_stop_before_anything_is_written(tmp_path, tokenizer, records, entry, expected):
     path = jsonl(tmp_path / "d.jsonl", records)
     message = user_error(lambda: run(tmp_path, path, tokenizer, **entry))
@@ -362,11 +423,22 @@ def test_a_float_parquet_label_column_stops_the_run(tmp_path, tokenizer):
 
 
 def test_preprocess_corpus_builds_labelled_shards_for_the_classify_task(tmp_path, tokenizer):
-    parquet(tmp_path / "d.parquet", text=[f"document {i} of class {i % 2}" for i in range(20)], y=[i % 2 for i in range(20)])
-    corpus = resolve_entry("pq", CorpusEntry(paths=[str(tmp_path / "d.parquet")], format="parquet", label_field="y"), tmp_path)
-    manifest_path = preprocess_corpus.fn(corpus, TokenizerConfig(), DataConfig(val_fraction=0.2), tmp_path / "shards",
-                                         n_workers=1, reuse_tokenizer=tokenizer[0], classify=ClassifyConfig(max_len=8),
-                                         task="classify")
+    parquet(
+        tmp_path / "d.parquet", text=[f"document {i} of class {i % 2}" for i in range(20)], y=[i % 2 for i in range(20)]
+    )
+    corpus = resolve_entry(
+        "pq", CorpusEntry(paths=[str(tmp_path / "d.parquet")], format="parquet", label_field="y"), tmp_path
+    )
+    manifest_path = preprocess_corpus.fn(
+        corpus,
+        TokenizerConfig(),
+        DataConfig(val_fraction=0.2),
+        tmp_path / "shards",
+        n_workers=1,
+        reuse_tokenizer=tokenizer[0],
+        classify=ClassifyConfig(max_len=8),
+        task="classify",
+    )
     m = json.loads(manifest_path.read_text())
     assert m["labels"] == ["0", "1"] and m["label_counts"]["val"] == {"0": 2, "1": 2}
     tokens, lengths, labels = read_shard(manifest_path.parent / m["shards"][0]["path"])
@@ -379,14 +451,48 @@ def test_the_command_builds_labelled_shards_of_a_directory_per_class_corpus(tmp_
     for label in ("ham", "spam"):
         for i in range(3):
             write(tmp_path / "mail" / label / f"{i}.txt", "\n\n".join(f"{label} {sentence(r, j)}" for j in range(5)))
-    cat = write(tmp_path / "catalog.yaml", json.dumps({"corpora": {"mail": {
-        "paths": ["mail/*/*.txt"], "format": "paragraphs", "label_dirs": True,
-        "tokenizer": {"reuse": str(tokenizer[0])}}}}))
-    env = {"PATH": "/usr/bin:/bin", "TOKENMILL_HOME": str(tmp_path / "state"), "HOME": str(tmp_path),
-           "TOKENMILL_PROGRESS": "0", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    result = subprocess.run([sys.executable, "-m", "tokenmill.cli", "preprocess", "mail", "--catalog", str(cat),
-                             "--workers", "1", "--set", "classify.max_len=12", "--json"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    cat = write(
+        tmp_path / "catalog.yaml",
+        json.dumps(
+            {
+                "corpora": {
+                    "mail": {
+                        "paths": ["mail/*/*.txt"],
+                        "format": "paragraphs",
+                        "label_dirs": True,
+                        "tokenizer": {"reuse": str(tokenizer[0])},
+                    }
+                }
+            }
+        ),
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TOKENMILL_HOME": str(tmp_path / "state"),
+        "HOME": str(tmp_path),
+        "TOKENMILL_PROGRESS": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenmill.cli",
+            "preprocess",
+            "mail",
+            "--catalog",
+            str(cat),
+            "--workers",
+            "1",
+            "--set",
+            "classify.max_len=12",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["task"] == "classify" and out["labels"] == ["ham", "spam"]

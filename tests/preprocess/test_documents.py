@@ -11,14 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess_helpers import write
 from tasks.preprocess.documents import DocRules, Tally, doc_hash, is_val, read_documents
 from tasks.preprocess.sources import Piece, file_format, is_splittable
 from tokenmill.errors import TokenmillError
 
+from preprocess_helpers import write
 
-def read_all(path, rules: DocRules = DocRules()) -> tuple[list[str], Tally]:
-    tally = Tally()
+
+def read_all(path, rules: DocRules | None = None) -> tuple[list[str], Tally]:
+    rules, tally = rules or DocRules(), Tally()
     return list(read_documents(path if isinstance(path, Piece) else str(path), rules, tally)), tally
 
 
@@ -149,8 +150,10 @@ def test_a_truncated_gzip_is_counted_as_unreadable(tmp_path):
     assert str(path) in tally.first["files_unreadable"]
 
 
-@pytest.mark.parametrize("policy, docs, reason", [("replace", ["caf\ufffd", "ok"], "docs_with_replaced_bytes"),
-                                                   ("drop", ["ok"], "dropped_undecodable")])
+@pytest.mark.parametrize(
+    "policy, docs, reason",
+    [("replace", ["caf\ufffd", "ok"], "docs_with_replaced_bytes"), ("drop", ["ok"], "dropped_undecodable")],
+)
 def test_undecodable_bytes_are_replaced_or_dropped_per_config(tmp_path, policy, docs, reason):
     path = write(tmp_path / "b.txt", "caf\u00e9".encode("latin-1") + b"\nok\n")
     got, tally = read_all(path, DocRules(format="lines", on_decode_error=policy))
@@ -160,7 +163,9 @@ def test_undecodable_bytes_are_replaced_or_dropped_per_config(tmp_path, policy, 
 
 
 def test_malformed_json_and_missing_fields_are_counted_with_their_line(tmp_path):
-    path = write(tmp_path / "d.jsonl", '{"text": "one"}\n{"text": broken\n{"other": 1}\n["a"]\n{"text": 5}\n{"text": "six"}\n')
+    path = write(
+        tmp_path / "d.jsonl", '{"text": "one"}\n{"text": broken\n{"other": 1}\n["a"]\n{"text": 5}\n{"text": "six"}\n'
+    )
     docs, tally = read_all(path, DocRules(format="jsonl"))
     assert docs == ["one", "six"]
     assert tally.counts["dropped_bad_json"] == 1 and tally.first["dropped_bad_json"] == f"{path}:2"

@@ -13,15 +13,24 @@ import pyarrow as pa
 import pytest
 
 from data_catalog.listing import SourceFile
-from preprocess_helpers import sentence, small_tokenizer, write
-from tasks.preprocess import incremental
 from tasks.core.atomic import sha256_file
-from tasks.preprocess.documents import DocRules
-from tasks.preprocess.encode import (EncodeSpec, drop_repeats, encode_key, encode_partition, find_duplicates, hash_partition,
-                          load_hashes, source_key)
-from tasks.preprocess.partitions import Partition, plan_partitions
 from tasks.core.shards import read_rows
+from tasks.preprocess import incremental
+from tasks.preprocess.documents import DocRules
+from tasks.preprocess.encode import (
+    EncodeSpec,
+    drop_repeats,
+    encode_key,
+    encode_partition,
+    find_duplicates,
+    hash_partition,
+    load_hashes,
+    source_key,
+)
+from tasks.preprocess.partitions import Partition, plan_partitions
 from tasks.preprocess.sources import Piece
+
+from preprocess_helpers import sentence, small_tokenizer, write
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +43,9 @@ def files(*sizes: int, prefix: str = "f") -> list[SourceFile]:
 
 
 def part_of(*paths: Path, index: int = 0) -> Partition:
-    return Partition(index, tuple(Piece(str(p)) for p in paths), sum(p.stat().st_size for p in paths), tuple(map(str, paths)))
+    return Partition(
+        index, tuple(Piece(str(p)) for p in paths), sum(p.stat().st_size for p in paths), tuple(map(str, paths))
+    )
 
 
 def encode_spec(sp_model, out_dir: Path, row_len: int = 9, val_fraction: float = 0.3, fmt: str = "lines") -> EncodeSpec:
@@ -190,8 +201,9 @@ def test_dropping_repeats_from_a_first_pass_equals_encoding_without_them(tmp_pat
     encoded = encode_partition(part, drop, encode_spec(sp_model, tmp_path / "fresh"), key="settled")
 
     assert [(s["path"], s["sha256"]) for s in repacked.shards] == [(s["path"], s["sha256"]) for s in encoded.shards]
-    assert {k: v for k, v in repacked.stats.items() if k != "seconds_in_workers"} == \
-           {k: v for k, v in encoded.stats.items() if k != "seconds_in_workers"}
+    assert {k: v for k, v in repacked.stats.items() if k != "seconds_in_workers"} == {
+        k: v for k, v in encoded.stats.items() if k != "seconds_in_workers"
+    }
     assert sorted(p.name for p in (tmp_path / "guessed").glob("*.arrow")) == sorted(s["path"] for s in encoded.shards)
     assert repacked.repacked and (tmp_path / "guessed" / "parts" / "settled.json").is_file()
 
@@ -214,7 +226,9 @@ def test_packing_puts_eos_between_documents_and_loses_no_token_but_the_tail(tmp_
         assert len(expected) - len(got) < spec.row_len - 1  # only a tail shorter than a row is lost
     assert result.stats["tokens"] == sum(len(sp.encode(doc)) + 1 for doc in lines)
     tail = result.stats["tokens_dropped_tail"]
-    assert result.stats["tokens"] - tail == sum(len(stream_of(read_rows(tmp_path / "out" / s["path"]))) for s in result.shards)
+    assert result.stats["tokens"] - tail == sum(
+        len(stream_of(read_rows(tmp_path / "out" / s["path"]))) for s in result.shards
+    )
 
 
 def _is_val_doc(doc: str, spec: EncodeSpec) -> bool:
@@ -286,7 +300,10 @@ def test_encode_key_changes_with_drops_tokenizer_and_packing(tmp_path, sp_model)
     assert encode_key(skey, np.array([], np.int64), spec) == base
     assert encode_key(skey, np.array([2]), spec) != base
     assert encode_key(skey, np.array([], np.int64), EncodeSpec(spec.rules, "p", "other-sha", 9, 0.3, "o")) != base
-    assert encode_key(skey, np.array([], np.int64), EncodeSpec(spec.rules, "p", spec.tokenizer_sha256, 17, 0.3, "o")) != base
+    assert (
+        encode_key(skey, np.array([], np.int64), EncodeSpec(spec.rules, "p", spec.tokenizer_sha256, 17, 0.3, "o"))
+        != base
+    )
     assert source_key(part, DocRules(format="text")) != skey
 
 

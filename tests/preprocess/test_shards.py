@@ -12,17 +12,17 @@ import pyarrow as pa
 import pytest
 
 from data_catalog.loader import resolve_corpus
-from preprocess_helpers import small_tokenizer, varied_text, write
 from tasks.core import manifest as mf
-from tasks.preprocess import base as preprocess
-from tasks.preprocess import tokenizer as tok
 from tasks.core.atomic import atomic_path, sha256_file, write_bytes, write_json, write_with
-from tasks.preprocess.documents import DocRules
 from tasks.core.shards import ShardSet, pack_rows, read_rows, write_shard
 from tasks.core.tokenizer import piece_byte_lengths, token_dtype
+from tasks.preprocess import base as preprocess
+from tasks.preprocess import tokenizer as tok
+from tasks.preprocess.documents import DocRules
 from tokenmill.config import DataConfig, TokenizerConfig
 from tokenmill.errors import TokenmillError
 
+from preprocess_helpers import small_tokenizer, varied_text, write
 
 # --- pack_rows -----------------------------------------------------------------------------
 
@@ -47,7 +47,6 @@ def test_pack_rows_of_too_little_input_is_empty(n):
     rows = pack_rows(np.arange(n, dtype=np.int32), 6)
     assert rows.shape == (0, 6)
     assert rows.dtype == np.int32
-
 
 
 # --- tokenizer -----------------------------------------------------------------------------
@@ -285,5 +284,3 @@ def test_output_dir_is_named_by_corpus_and_settings(tmp_path):
     write(tmp_path / "books" / "b.txt", "more")
     grown = resolve_corpus(str(tmp_path / "books"))
     assert preprocess.output_dir(grown, tokenizer, data, tmp_path / "shards") != out
-
-

@@ -60,6 +60,7 @@ def test_different_eval_sets_are_an_error_not_a_comparison():
 
 # A classifier: macro_f1, higher is better.
 
+
 def test_higher_macro_f1_is_promoted_by_its_relative_gain():
     d = decide(clf("2", 0.90), clf("1", 0.80), 0.005)
     assert d.promote and "macro_f1 0.9000 beats champion v1 (0.8000) by 12.50%" in d.reason
@@ -111,8 +112,9 @@ def test_an_unknown_gate_metric_is_refused():
 
 
 def test_a_warm_start_with_other_shapes_stops_before_any_work(tmp_path, monkeypatch):
-    from tasks.registry import model_store, versions as registry
     from tasks.modeling.local_model import LocalModel
+    from tasks.registry import model_store
+    from tasks.registry import versions as registry
     from tokenmill.config import ModelConfig
     from tokenmill.errors import TokenmillError
 

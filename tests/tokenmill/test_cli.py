@@ -49,9 +49,11 @@ def test_the_summary_names_a_champion_only_when_one_exists():
     run = {"model_name": "tokenmill-lm", "model_version": "2"}
     assert champion_line({**run, "champion_version": "2"}) == "models:/tokenmill-lm@champion (this version)"
     assert champion_line({**run, "champion_version": "1"}) == (
-        "models:/tokenmill-lm@champion (v1; this version stays challenger)")
+        "models:/tokenmill-lm@champion (v1; this version stays challenger)"
+    )
     assert champion_line({**run, "champion_version": None}) == (
-        "none: no version of tokenmill-lm has passed the gate yet")
+        "none: no version of tokenmill-lm has passed the gate yet"
+    )
 
 
 def test_version_prints_and_exits(tmp_path):

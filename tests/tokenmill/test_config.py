@@ -36,7 +36,9 @@ def test_each_layer_alone_beats_the_one_below():
     assert resolve_config("default").data.context_len == 128
     assert RunConfig().data.context_len == 256
     assert resolve_config("default", {"data": {"context_len": 96}}).data.context_len == 96
-    assert resolve_config("default", {"data": {"context_len": 96}}, {"data": {"context_len": 80}}).data.context_len == 80
+    assert (
+        resolve_config("default", {"data": {"context_len": 96}}, {"data": {"context_len": 80}}).data.context_len == 80
+    )
     assert resolve_config("default", None, {"data": {"context_len": 80}}).data.context_len == 80
 
 
@@ -95,7 +97,13 @@ def test_parse_assignments_builds_typed_nested_overrides():
 
 def test_parse_assignments_keeps_strings_bools_and_merges_a_section():
     parsed = parse_assignments(
-        ["train.device=cuda:1", "tokenizer.byte_fallback=false", "train.max_steps=10", "train.max_steps=20", " data.seed = 7"]
+        [
+            "train.device=cuda:1",
+            "tokenizer.byte_fallback=false",
+            "train.max_steps=10",
+            "train.max_steps=20",
+            " data.seed = 7",
+        ]
     )
     assert parsed == {
         "train": {"device": "cuda:1", "max_steps": 20},

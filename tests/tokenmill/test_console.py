@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-
 from prefect import flow, task
 from prefect.testing.utilities import prefect_test_harness
 
@@ -46,10 +45,22 @@ def test_status_lines_and_the_summary_reach_the_prefect_run_logs(tmp_path, monke
         monkeypatch.setenv(f"PREFECT_LOGGING_LOGGERS_PREFECT_{name}_LEVEL", "INFO")
     runtime.quiet_framework_noise()
     manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"shards": [{"path": "train-00000.arrow", "split": "train", "rows": 3, "sha256": "s" * 64}]}))
-    summary = {"task": "lm", "model_name": "tokenmill-lm", "model_version": "4", "aliases": ["champion"],
-               "val_loss": 2.5, "val_ppl": 12.18, "val_bpb": 1.25, "eval_set_sha256": "e" * 64,
-               "decision": "promoted", "manifest": str(manifest), "mlflow_run_id": "r1"}
+    manifest.write_text(
+        json.dumps({"shards": [{"path": "train-00000.arrow", "split": "train", "rows": 3, "sha256": "s" * 64}]})
+    )
+    summary = {
+        "task": "lm",
+        "model_name": "tokenmill-lm",
+        "model_version": "4",
+        "aliases": ["champion"],
+        "val_loss": 2.5,
+        "val_ppl": 12.18,
+        "val_bpb": 1.25,
+        "eval_set_sha256": "e" * 64,
+        "decision": "promoted",
+        "manifest": str(manifest),
+        "mlflow_run_id": "r1",
+    }
     with prefect_test_harness(server_startup_timeout=180):
         flow_run_id = flow_that_reports(summary)
         APILogHandler().flush()  # the worker sends logs in batches

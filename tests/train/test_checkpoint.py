@@ -12,10 +12,11 @@ import torch
 
 from model import GPT, GPTConfig
 from tasks.modeling import checkpoint
-from tasks.train import trainer
 from tasks.modeling.checkpoint import list_checkpoints, load_latest, warm_start, warm_start_source, weights_sha256
-from train_helpers import Recorder, one_thread, tiny_config, write_corpus  # noqa: F401 (one_thread: autouse)
+from tasks.train import trainer
 from tokenmill.errors import TokenmillError
+
+from train_helpers import Recorder, one_thread, tiny_config, write_corpus  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,12 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_identical_weights(corpus, 
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dropout": 0.1})})
     reference = trainer.train(corpus, cfg, tmp_path / "reference")
 
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(corpus), cfg.model_dump_json(), str(tmp_path / "run"), "5"],
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(corpus), cfg.model_dump_json(), str(tmp_path / "run"), "5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")][-1] == "step-00000003.pt"
     assert not (tmp_path / "run" / "model.pt").exists()
@@ -127,7 +132,9 @@ def test_warm_start_mismatch_names_what_differs(tmp_path, source_run):
     sha = json.loads((source_run.weights.parent / "model.json").read_text())["tokenizer_sha256"]
     source = warm_start_source(source_run.weights)
     other = GPT(GPTConfig(**{**source_run.gpt_config, "vocab_size": 128, "n_embd": 64}))
-    with pytest.raises(TokenmillError, match=r"tokenizer .* vocab_size 64 \(source\) vs 128 .* n_embd 32 \(source\) vs 64"):
+    with pytest.raises(
+        TokenmillError, match=r"tokenizer .* vocab_size 64 \(source\) vs 128 .* n_embd 32 \(source\) vs 64"
+    ):
         warm_start(other, source, "f" * 64)
     shallow = GPT(GPTConfig(**{**source_run.gpt_config, "n_layer": 1}))
     lying = checkpoint.WarmStart(source.weights, {**source.gpt_config, "n_layer": 1}, sha)  # the weights have 2
@@ -145,8 +152,8 @@ def test_warm_start_mismatch_names_what_differs(tmp_path, source_run):
 
 
 def test_a_retried_train_task_resumes_its_own_run(corpus, tmp_path, monkeypatch):
-    from tasks.train import stage as train_stage
     from tasks.core.policy import retry_transient
+    from tasks.train import stage as train_stage
 
     assert train_stage.train_model.retries >= 1 and train_stage.train_model.retry_condition_fn is retry_transient
     monkeypatch.setattr(train_stage, "tracker_for", lambda run_id: Recorder())

@@ -13,28 +13,28 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTClassifier, GPTConfig
-from tasks.modeling import checkpoint
-from tasks.train import trainer
 from tasks.core.atomic import sha256_file
-from tasks.modeling.checkpoint import list_checkpoints, warm_start, warm_start_source, weights_sha256
-from tasks.evaluate.stage import evaluate
-from tasks.modeling.pyfunc_io import load_network
 from tasks.core.manifest import FORMAT
-from tasks.modeling.metrics import classification_metrics, confusion_matrix, metric_names, spread_rows
-from tasks.modeling.local_model import LocalModel
 from tasks.core.shards import PAD_ID, write_labelled_shard
+from tasks.evaluate.stage import evaluate
+from tasks.modeling import checkpoint
+from tasks.modeling.checkpoint import list_checkpoints, warm_start, warm_start_source, weights_sha256
+from tasks.modeling.local_model import LocalModel
+from tasks.modeling.metrics import classification_metrics, confusion_matrix, metric_names, spread_rows
+from tasks.modeling.pyfunc_io import load_network
 from tasks.modeling.task_data import class_weights
-from train_helpers import VOCAB, Recorder, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
+from tasks.train import trainer
 from tokenmill.config import EvalConfig, resolve_config
 from tokenmill.errors import TokenmillError
+
+from train_helpers import VOCAB, Recorder, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
 
 LABELS = ["alpha", "beta", "gamma", "delta"]
 MAX_LEN = 24
 OWN = 6  # tokens owned by each class: class c owns 1 + c*OWN .. (c+1)*OWN; the rest are shared
 
 
-def write_labelled_corpus(root: Path, n_train=800, n_val=160, seed=0, tokenizer=b"synthetic",
-                          label_p=None) -> Path:
+def write_labelled_corpus(root: Path, n_train=800, n_val=160, seed=0, tokenizer=b"synthetic", label_p=None) -> Path:
     """Labelled shards where a document's own-class tokens decide its label, and their manifest."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -55,19 +55,43 @@ def write_labelled_corpus(root: Path, n_train=800, n_val=160, seed=0, tokenizer=
         name = f"{split}-00000.arrow"
         tokens, lengths, labels = docs(n)
         write_labelled_shard(root / name, tokens, lengths, labels, {"split": split, "row_len": MAX_LEN})
-        shards.append({"path": name, "split": split, "rows": n, "tokens": int(lengths.sum()), "sha256": sha256_file(root / name)})
+        shards.append(
+            {"path": name, "split": split, "rows": n, "tokens": int(lengths.sum()), "sha256": sha256_file(root / name)}
+        )
     (root / "tokenizer.model").write_bytes(tokenizer)
-    manifest = {"format": FORMAT, "task": "classify", "labels": LABELS, "row_len": MAX_LEN, "shards": shards,
-                "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": VOCAB}}
+    manifest = {
+        "format": FORMAT,
+        "task": "classify",
+        "labels": LABELS,
+        "row_len": MAX_LEN,
+        "shards": shards,
+        "tokenizer": {"path": "tokenizer.model", "sha256": sha256_file(root / "tokenizer.model"), "vocab_size": VOCAB},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root / "manifest.json"
 
 
 def classify_config(classify=None, model=None, **train):
-    base = {"max_steps": 8, "batch_size": 16, "lr": 1e-2, "warmup_steps": 2, "log_interval": 1, "eval_interval": 1000,
-            "checkpoint_every": 0, "device": "cpu"}
-    return resolve_config("tiny", None, {"task": "classify", "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, **(model or {})},
-                                         "train": {**base, **train}, "classify": classify or {}})
+    base = {
+        "max_steps": 8,
+        "batch_size": 16,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "log_interval": 1,
+        "eval_interval": 1000,
+        "checkpoint_every": 0,
+        "device": "cpu",
+    }
+    return resolve_config(
+        "tiny",
+        None,
+        {
+            "task": "classify",
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, **(model or {})},
+            "train": {**base, **train},
+            "classify": classify or {},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +108,22 @@ def trained(corpus, tmp_path_factory):
 
 def local_model(result, manifest_path) -> LocalModel:
     manifest = json.loads(Path(manifest_path).read_text())
-    return LocalModel(result.weights, Path(manifest_path).parent / "tokenizer.model", result.gpt_config,
-                      manifest["tokenizer"]["sha256"], result.head)
+    return LocalModel(
+        result.weights,
+        Path(manifest_path).parent / "tokenizer.model",
+        result.gpt_config,
+        manifest["tokenizer"]["sha256"],
+        result.head,
+    )
 
 
 def tiny_classifier(pooling="mean", n_classes=3, **config):
     torch.manual_seed(0)
-    return GPTClassifier(GPTConfig(**{"vocab_size": VOCAB, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **config}),
-                         n_classes, pooling).eval()
+    return GPTClassifier(
+        GPTConfig(**{"vocab_size": VOCAB, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **config}),
+        n_classes,
+        pooling,
+    ).eval()
 
 
 # ---------------------------------------------------------------- the model
@@ -225,8 +257,13 @@ def test_evaluate_stage_writes_the_confusion_plot_and_caches_it(corpus, trained,
 
 
 def test_a_classify_run_resumes_to_identical_weights(corpus, tmp_path):
-    cfg = classify_config(max_steps=6, checkpoint_every=3, eval_interval=2, model={"dropout": 0.1},
-                          classify={"pooling": "last", "class_weights": True})
+    cfg = classify_config(
+        max_steps=6,
+        checkpoint_every=3,
+        eval_interval=2,
+        model={"dropout": 0.1},
+        classify={"pooling": "last", "class_weights": True},
+    )
     reference = trainer.train(corpus, cfg, tmp_path / "reference")
     halfway = tmp_path / "run" / "checkpoints" / "step-00000003.pt"
     halfway.parent.mkdir(parents=True)
@@ -244,7 +281,9 @@ def test_class_weights_change_training_on_imbalanced_labels(tmp_path):
     skewed = write_labelled_corpus(tmp_path / "skewed", n_train=64, n_val=16, label_p=[0.7, 0.1, 0.1, 0.1])
     plain, weighted = Recorder(), Recorder()
     trainer.train(skewed, classify_config(max_steps=2), tmp_path / "plain", plain)
-    trainer.train(skewed, classify_config(max_steps=2, classify={"class_weights": True}), tmp_path / "weighted", weighted)
+    trainer.train(
+        skewed, classify_config(max_steps=2, classify={"class_weights": True}), tmp_path / "weighted", weighted
+    )
     assert plain.series("train_loss")[0] != pytest.approx(weighted.series("train_loss")[0], abs=1e-4)
 
 
@@ -256,12 +295,26 @@ def test_accumulation_and_two_ranks_equal_one_big_weighted_batch(tmp_path):
     skewed = write_labelled_corpus(tmp_path / "skewed", n_train=64, n_val=16, label_p=[0.7, 0.1, 0.1, 0.1])
     weighted = {"class_weights": True}
     runs = {name: Recorder() for name in ("big", "accumulated", "ddp", "fsdp")}
-    big = trainer.train(skewed, classify_config(max_steps=3, batch_size=8, classify=weighted), tmp_path / "big", runs["big"])
+    big = trainer.train(
+        skewed, classify_config(max_steps=3, batch_size=8, classify=weighted), tmp_path / "big", runs["big"]
+    )
     others = [
-        trainer.train(skewed, classify_config(max_steps=3, batch_size=4, tokens_per_step=8 * MAX_LEN, classify=weighted),
-                      tmp_path / "acc", runs["accumulated"]),
-        *(run_training(skewed, classify_config(max_steps=3, batch_size=4, parallel=mode, classify=weighted),
-                       tmp_path / mode, runs[mode], topology=Topology(nproc_per_node=2)) for mode in ("ddp", "fsdp")),
+        trainer.train(
+            skewed,
+            classify_config(max_steps=3, batch_size=4, tokens_per_step=8 * MAX_LEN, classify=weighted),
+            tmp_path / "acc",
+            runs["accumulated"],
+        ),
+        *(
+            run_training(
+                skewed,
+                classify_config(max_steps=3, batch_size=4, parallel=mode, classify=weighted),
+                tmp_path / mode,
+                runs[mode],
+                topology=Topology(nproc_per_node=2),
+            )
+            for mode in ("ddp", "fsdp")
+        ),
     ]
     reference = torch.load(big.weights, weights_only=True)
     for name, other in zip(("accumulated", "ddp", "fsdp"), others):
@@ -319,8 +372,11 @@ def test_training_warm_starts_a_classifier_and_says_what_it_loaded(corpus, langu
 def test_warm_start_from_another_tokenizer_is_a_clear_error(tmp_path, language_model):
     other = write_labelled_corpus(tmp_path / "other", n_train=32, n_val=8, tokenizer=b"another tokenizer")
     source = warm_start_source(language_model.weights)
-    with pytest.raises(TokenmillError, match=r"trained with tokenizer \w{12}, the shards use \w{12}; "
-                                             r"preprocess with tokenizer.reuse=.* or train from scratch"):
+    with pytest.raises(
+        TokenmillError,
+        match=r"trained with tokenizer \w{12}, the shards use \w{12}; "
+        r"preprocess with tokenizer.reuse=.* or train from scratch",
+    ):
         trainer.train(other, classify_config(max_steps=1), tmp_path / "run", warm=source)
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")
 

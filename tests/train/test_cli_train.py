@@ -9,8 +9,20 @@ import pytest
 
 from train_helpers import write_corpus
 
-TINY = ["--preset", "tiny", "--set", "model.n_layer=2", "--set", "model.n_head=2", "--set", "model.n_embd=32",
-        "--set", "train.log_interval=1", "--set", "train.device=cpu"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--set",
+    "model.n_layer=2",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "train.log_interval=1",
+    "--set",
+    "train.device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,13 @@ def train(*args: str, home, tracking_uri: str | None = None) -> dict:
     env.update(TOKENMILL_HOME=str(home), MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2", OMP_NUM_THREADS="1")
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    out = subprocess.run([sys.executable, "-m", "tokenmill.cli", "train", *TINY, *args, "--json"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenmill.cli", "train", *TINY, *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "prefect" not in out.stderr.lower()  # tracking needs MLflow only
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -39,8 +56,16 @@ def mlflow_client(uri: str):
 @pytest.mark.e2e  # starts processes: left out of make test-fast
 def test_a_tracked_run_records_params_every_step_and_system_metrics(shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train("--shards", str(shards), "--max-steps", "12", "--set", "train.batch_size=8",
-                   home=tmp_path / "state", tracking_uri=uri)
+    result = train(
+        "--shards",
+        str(shards),
+        "--max-steps",
+        "12",
+        "--set",
+        "train.batch_size=8",
+        home=tmp_path / "state",
+        tracking_uri=uri,
+    )
     client = mlflow_client(uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -57,8 +82,18 @@ def test_a_tracked_run_records_params_every_step_and_system_metrics(shards, tmp_
 @pytest.mark.e2e  # starts processes: left out of make test-fast
 def test_two_ranks_log_into_one_run_without_duplicate_steps(shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train("--shards", str(shards), "--max-steps", "4", "--set", "train.batch_size=4", "--nproc-per-node", "2",
-                   home=tmp_path / "state", tracking_uri=uri)
+    result = train(
+        "--shards",
+        str(shards),
+        "--max-steps",
+        "4",
+        "--set",
+        "train.batch_size=4",
+        "--nproc-per-node",
+        "2",
+        home=tmp_path / "state",
+        tracking_uri=uri,
+    )
     client = mlflow_client(uri)
     runs = client.search_runs([client.get_experiment_by_name("tokenmill").experiment_id])
     assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from tasks.train import trainer
 from tasks.modeling.checkpoint import list_checkpoints, weights_sha256
 from tasks.modeling.parallel import pick_device
+from tasks.train import trainer
 from tasks.train.trainer import BatchSampler, accumulation_steps, lr_factor, peak_flops
 from tokenmill.errors import TokenmillError
+
 from train_helpers import ROW_LEN, VOCAB, Recorder, one_thread, tiny_config, write_corpus  # noqa: F401 (one_thread: autouse)
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
@@ -74,8 +76,15 @@ def test_tokens_per_step_sets_accumulation_or_names_the_fix():
 
 
 def test_peak_flops_table_is_matched_by_device_name(monkeypatch):
-    names = {"NVIDIA H100 80GB HBM3": 989.5e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12,
-             "NVIDIA L4": 121e12, "NVIDIA A10G": 70e12, "NVIDIA GeForce RTX 4090": 165e12, "Tesla T4": None}
+    names = {
+        "NVIDIA H100 80GB HBM3": 989.5e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA L4": 121e12,
+        "NVIDIA A10G": 70e12,
+        "NVIDIA GeForce RTX 4090": 165e12,
+        "Tesla T4": None,
+    }
     for name, peak in names.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops(torch.device("cuda"), None) == peak, name
@@ -162,17 +171,39 @@ def test_resume_refuses_another_model_shape(corpus, tmp_path):
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     # prefect and mlflow are made unimportable: the command must not need them.
-    code = ("import sys; sys.modules['prefect'] = sys.modules['mlflow'] = None; "
-            "from tokenmill.cli.train import main; sys.argv = ['tokenmill-train', *sys.argv[1:]]; main()")
-    env = {"PATH": "/usr/bin:/bin", "TOKENMILL_HOME": str(home), "TOKENMILL_PROGRESS": "0", "HOME": str(home.parent),
-           "OMP_NUM_THREADS": "1"}
+    code = (
+        "import sys; sys.modules['prefect'] = sys.modules['mlflow'] = None; "
+        "from tokenmill.cli.train import main; sys.argv = ['tokenmill-train', *sys.argv[1:]]; main()"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TOKENMILL_HOME": str(home),
+        "TOKENMILL_PROGRESS": "0",
+        "HOME": str(home.parent),
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 @pytest.mark.e2e  # starts processes: left out of make test-fast
 def test_cli_trains_without_prefect_or_mlflow_and_ends_with_one_json_line(corpus, tmp_path):
-    args = ["--shards", str(corpus), "--preset", "tiny", "--set", "model.n_embd=32", "--set", "train.batch_size=8",
-            "--device", "cpu", "--checkpoint-every", "2", "--max-steps", "3", "--json"]
+    args = [
+        "--shards",
+        str(corpus),
+        "--preset",
+        "tiny",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "train.batch_size=8",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "2",
+        "--max-steps",
+        "3",
+        "--json",
+    ]
     result = cli(*args, home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -191,8 +222,22 @@ def test_cli_continues_only_with_resume(corpus, tmp_path, monkeypatch):
     app.command("train")(train)  # as tokenmill/cli/ registers it
     app.command("other")(lambda: None)
     monkeypatch.setenv("TOKENMILL_PROGRESS", "0")
-    args = ["train", "--shards", str(corpus), "--preset", "tiny", "--set", "model.n_embd=32", "--set", "train.batch_size=8",
-            "--device", "cpu", "--out", str(tmp_path / "run"), "--json"]
+    args = [
+        "train",
+        "--shards",
+        str(corpus),
+        "--preset",
+        "tiny",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "train.batch_size=8",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+    ]
     runner = CliRunner()
     assert runner.invoke(app, [*args, "--max-steps", "2"]).exit_code == 0
     again = runner.invoke(app, [*args, "--max-steps", "3"])
@@ -203,12 +248,15 @@ def test_cli_continues_only_with_resume(corpus, tmp_path, monkeypatch):
     assert summary["resumed_from"] == 2 and summary["steps"] == 3
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--shards", "/nonexistent/manifest.json"], "shards manifest not found"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--set", "train.batch_size=0"], "train.batch_size"),
-    (["--init-from", "/nonexistent/model.pt"], "warm-start weights not found"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--shards", "/nonexistent/manifest.json"], "shards manifest not found"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--set", "train.batch_size=0"], "train.batch_size"),
+        (["--init-from", "/nonexistent/model.pt"], "warm-start weights not found"),
+    ],
+)
 def test_cli_bad_input_is_one_error_line(corpus, tmp_path, args, expected):
     if args[0] != "--shards":
         args = ["--shards", str(corpus), *args]

@@ -24,8 +24,12 @@ import typer
 
 from tokenmill.cli import data, ops, pipeline, registry, train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Raw text corpora to a trained, evaluated and registered Transformer.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Raw text corpora to a trained, evaluated and registered Transformer.",
+)
 
 
 def show_version(value: bool) -> None:
@@ -38,10 +42,12 @@ def show_version(value: bool) -> None:
 
 @app.callback()
 def common(
-    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
-                                 help="Print the version and exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v",
-                                 help="Show the frameworks' logs (Prefect, MLflow, Dask, alembic) on stderr."),
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show the frameworks' logs (Prefect, MLflow, Dask, alembic) on stderr."
+    ),
 ) -> None:
     """Raw text corpora to a trained, evaluated and registered Transformer."""
     if verbose:

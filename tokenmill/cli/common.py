@@ -34,5 +34,6 @@ def require_labels(plan) -> None:
     if task_spec(plan.config.task).labelled and not plan.corpus.entry.labelled:
         raise TokenmillError(
             f"corpus '{plan.corpus.name}' has no labels, so it cannot train a classifier: set label_field "
-            f"(JSON Lines or Parquet) or label_dirs: true (one directory per class) in its catalog entry, or use --task lm"
+            f"(JSON Lines or Parquet) or label_dirs: true (one directory per class) in its catalog entry, "
+            f"or use --task lm"
         )

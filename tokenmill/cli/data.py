@@ -8,7 +8,8 @@
 
 `preprocess` runs the preprocessing task's body directly: no Prefect server or flow run is
 needed. A labelled corpus (an entry with label_field or label_dirs) becomes labelled shards
-for the classify task unless `--task lm` says otherwise. Like every command, a user error prints one `error:` line and exits with status 2.
+for the classify task unless `--task lm` says otherwise. Like every command, a user error
+prints one `error:` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from tokenmill.cli.common import user_errors
 from tokenmill.errors import TokenmillError
 
-catalog_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                          help="List, show and validate the corpus catalog.")
+catalog_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="List, show and validate the corpus catalog.",
+)
 
 CATALOG_HELP = "Corpus catalog YAML (default: the bundled one)."
 
@@ -34,7 +38,7 @@ def _echo(line: str) -> None:
 
 
 @catalog_app.command("list")
-def list_corpora(catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP)) -> None:
+def list_corpora(catalog: Path | None = typer.Option(None, help=CATALOG_HELP)) -> None:
     """The catalog's corpora with their format, license and description."""
     with user_errors():
         from data_catalog.loader import load_catalog
@@ -49,7 +53,7 @@ def list_corpora(catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP)
 @catalog_app.command("show")
 def show(
     name: str = typer.Argument(..., help="A catalog name, or a path, glob or URL."),
-    catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP),
+    catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
     max_files: int = typer.Option(20, min=0, help="Files to list (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
 ) -> None:
@@ -59,13 +63,25 @@ def show(
 
         corpus = resolve_corpus(name, catalog)
         if as_json:
-            _echo(json.dumps({"name": corpus.name, "entry": corpus.entry.model_dump(), "files": [f.model_dump() for f in corpus.files],
-                              "bytes": corpus.total_bytes, "fingerprint": corpus.fingerprint}))
+            _echo(
+                json.dumps(
+                    {
+                        "name": corpus.name,
+                        "entry": corpus.entry.model_dump(),
+                        "files": [f.model_dump() for f in corpus.files],
+                        "bytes": corpus.total_bytes,
+                        "fingerprint": corpus.fingerprint,
+                    }
+                )
+            )
             return
         e = corpus.entry
         _echo(f"{corpus.name}: {e.description or '(no description)'}")
         _echo(f"  license      {e.license}")
-        _echo(f"  format       {e.format}" + (f" (text field '{e.text_field}')" if e.format in ("jsonl", "parquet", "auto") else ""))
+        _echo(
+            f"  format       {e.format}"
+            + (f" (text field '{e.text_field}')" if e.format in ("jsonl", "parquet", "auto") else "")
+        )
         _echo(f"  task         {e.task}")
         if e.labelled:
             source = f"field '{e.label_field}'" if e.label_field else "one directory per class"
@@ -85,13 +101,15 @@ def show(
 
 
 @catalog_app.command("validate")
-def validate(file: Optional[Path] = typer.Argument(None, help="Catalog YAML (default: the bundled one).")) -> None:
+def validate(file: Path | None = typer.Argument(None, help="Catalog YAML (default: the bundled one).")) -> None:
     """Check the catalog's schema, then that every entry's paths resolve to files."""
     with user_errors():
         from data_catalog.loader import load_catalog
 
         cat, path = load_catalog(file)
-        failures = [problem for name, entry in sorted(cat.corpora.items()) if (problem := _check_entry(name, entry, cat, path))]
+        failures = [
+            problem for name, entry in sorted(cat.corpora.items()) if (problem := _check_entry(name, entry, cat, path))
+        ]
         for problem in failures:
             typer.echo(f"error: {problem}", err=True)
         if failures:
@@ -109,8 +127,10 @@ def _check_entry(name: str, entry, cat, path: Path) -> str | None:
         return f"catalog {path}: {exc}"
     reuse = corpus.entry.tokenizer.get("reuse")
     if reuse and reuse not in cat.corpora and not Path(reuse).exists():
-        return (f"catalog {path}: entry '{name}', field 'tokenizer.reuse': '{reuse}' is neither a corpus of this "
-                "catalog nor an existing file or directory")
+        return (
+            f"catalog {path}: entry '{name}', field 'tokenizer.reuse': '{reuse}' is neither a corpus of this "
+            "catalog nor an existing file or directory"
+        )
     _echo(f"ok  {name}: {len(corpus.files)} files, {corpus.total_bytes / 1e6:.1f} MB")
     return None
 
@@ -119,10 +139,16 @@ def preprocess(
     corpus: str = typer.Argument("python-stdlib", help="A catalog name, or a file, directory, glob or URL."),
     preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
-    catalog: Optional[Path] = typer.Option(None, help=CATALOG_HELP),
-    dask_address: Optional[str] = typer.Option(None, help="An existing Dask scheduler (default: $TOKENMILL_DASK_ADDRESS or a LocalCluster)."),
-    workers: Optional[int] = typer.Option(None, min=1, help="LocalCluster worker processes (default: one per core; never more than the partitions)."),
-    task: Optional[str] = typer.Option(None, help="lm or classify (default: classify when the corpus has labels, else lm)."),
+    catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
+    dask_address: str | None = typer.Option(
+        None, help="An existing Dask scheduler (default: $TOKENMILL_DASK_ADDRESS or a LocalCluster)."
+    ),
+    workers: int | None = typer.Option(
+        None, min=1, help="LocalCluster worker processes (default: one per core; never more than the partitions)."
+    ),
+    task: str | None = typer.Option(
+        None, help="lm or classify (default: classify when the corpus has labels, else lm)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object: manifest and stats."),
 ) -> None:
     """Preprocess CORPUS into tokenizer + Arrow shards + manifest.json, and print the manifest path."""
@@ -142,15 +168,27 @@ def preprocess(
 
         cfg = plan.config
         manifest_path = preprocess_corpus.fn(
-            plan.corpus, cfg.tokenizer, cfg.data, plan.shards_root, dask_address or plan.dask_address, n_workers=workers,
-            classify=cfg.classify, task=cfg.task,
+            plan.corpus,
+            cfg.tokenizer,
+            cfg.data,
+            plan.shards_root,
+            dask_address or plan.dask_address,
+            n_workers=workers,
+            classify=cfg.classify,
+            task=cfg.task,
         )
         _echo(str(manifest_path))
         if as_json:
             manifest = json.loads(Path(manifest_path).read_text())
-            out = {"manifest": str(manifest_path), "task": manifest.get("task", "lm"), "corpus": manifest["corpus"],
-                   "tokenizer": manifest["tokenizer"], "shards": len(manifest["shards"]), "stats": manifest["stats"],
-                   "problems": manifest.get("problems", {})}
+            out = {
+                "manifest": str(manifest_path),
+                "task": manifest.get("task", "lm"),
+                "corpus": manifest["corpus"],
+                "tokenizer": manifest["tokenizer"],
+                "shards": len(manifest["shards"]),
+                "stats": manifest["stats"],
+                "problems": manifest.get("problems", {}),
+            }
             if "labels" in manifest:
                 out.update(labels=manifest["labels"], label_counts=manifest["label_counts"])
             sys.stdout.write(json.dumps(out) + "\n")

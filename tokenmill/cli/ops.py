@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -20,7 +19,8 @@ def corpus_updated(
 ) -> None:
     """Tell the Prefect server that CORPUS has new data (triggers retrain-on-corpus-update)."""
     with user_errors():
-        from tasks.run.events import corpus_updated as make_event, emit
+        from tasks.run.events import corpus_updated as make_event
+        from tasks.run.events import emit
 
         event = make_event(corpus, note)
         emit(os.environ.get("PREFECT_API_URL"), event, os.environ.get("PREFECT_API_KEY"))
@@ -31,7 +31,7 @@ def serve(
     corpus: str = typer.Option("python-stdlib", help="Corpus for the scheduled and triggered runs."),
     preset: str = typer.Option("default", help="Preset for the scheduled and triggered runs."),
     cron: str = typer.Option("0 3 * * *", help="Schedule of nightly-retrain (cron, server time zone)."),
-    task: Optional[Task] = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
+    task: Task | None = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
 ) -> None:
     """Serve the deployments (retrains, promote, weekly gc) from this process against PREFECT_API_URL."""
     with user_errors():
@@ -52,7 +52,9 @@ def serve(
 def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed and its size; remove nothing."),
     keep_last: int = typer.Option(3, "--keep-last", min=0, help="Newest versions of each registered model to keep."),
-    min_age: float = typer.Option(60, "--min-age", min=0, help="Minutes: never remove anything modified more recently."),
+    min_age: float = typer.Option(
+        60, "--min-age", min=0, help="Minutes: never remove anything modified more recently."
+    ),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of what was removed."),
 ) -> None:
     """Remove shards, checkpoints, cache records, temp files and training dirs no kept version needs."""
@@ -81,4 +83,6 @@ def print_gc(report) -> None:
         console.print(f"in use, skipped: {item['path']}", soft_wrap=True)
     verb = "would free" if report.dry_run else "freed"
     what = f"{len(report.removed)} items" if report.removed else "nothing to remove"
-    console.print(f"{verb} {report.bytes:,} bytes ({what}); kept {len(report.kept['versions'])} versions", soft_wrap=True)
+    console.print(
+        f"{verb} {report.bytes:,} bytes ({what}); kept {len(report.kept['versions'])} versions", soft_wrap=True
+    )

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from tokenmill import runtime
 from tasks.core.spec import headline_lines, task_spec
+from tokenmill import runtime
 from tokenmill.cli.common import Task, require_labels, user_errors
 from tokenmill.errors import TokenmillError
 
@@ -18,14 +17,16 @@ from tokenmill.errors import TokenmillError
 def run(
     corpus: str = typer.Argument("python-stdlib", help="A catalog name, or a file, directory or glob."),
     preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Override train.max_steps."),
+    max_steps: int | None = typer.Option(None, min=1, help="Override train.max_steps."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
-    catalog: Optional[Path] = typer.Option(None, help="Corpus catalog YAML (default: the bundled one)."),
+    catalog: Path | None = typer.Option(None, help="Corpus catalog YAML (default: the bundled one)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
     refresh: bool = typer.Option(False, "--refresh", help="Recompute every stage instead of reusing verified outputs."),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from a registered model, e.g. models:/tokenmill-lm@champion."),
+    init_from: str | None = typer.Option(
+        None, "--init-from", help="Start from a registered model, e.g. models:/tokenmill-lm@champion."
+    ),
     warm_start: bool = typer.Option(False, "--warm-start", help="Start from the current champion when there is one."),
-    task: Optional[Task] = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
+    task: Task | None = typer.Option(None, "--task", help="lm or classify (default: the corpus entry's task)."),
 ) -> None:
     """Preprocess CORPUS, train, evaluate and register a model: the whole pipeline."""
     with user_errors():
@@ -33,7 +34,9 @@ def run(
         from tasks.run.plan import plan_run
 
         task_name = task.value if task else None
-        require_labels(plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name))  # fail before writing
+        require_labels(
+            plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name)
+        )  # fail before writing
         runtime.configure()
         from tokenmill.embedded import start_embedded_services
 
@@ -44,8 +47,15 @@ def run(
         hide_user_error_tracebacks()
 
         summary = run_pipeline(
-            corpus=corpus, preset=preset, overrides=set_, catalog=str(catalog) if catalog else None,
-            max_steps=max_steps, refresh=refresh, init_from=init_from, warm_start=warm_start, task=task_name,
+            corpus=corpus,
+            preset=preset,
+            overrides=set_,
+            catalog=str(catalog) if catalog else None,
+            max_steps=max_steps,
+            refresh=refresh,
+            init_from=init_from,
+            warm_start=warm_start,
+            task=task_name,
         )
         print_summary(summary)
         if as_json:
@@ -80,8 +90,8 @@ def champion_line(s: dict) -> str:
 
 def evaluate(
     model_uri: str = typer.Argument(..., help="e.g. models:/tokenmill-lm@champion or models:/tokenmill-lm/3"),
-    shards: Optional[Path] = typer.Option(None, help="manifest.json to score on (default: the one it was trained on)."),
-    max_rows: Optional[int] = typer.Option(None, min=1, help="Rows of the eval set (default: the eval config's)."),
+    shards: Path | None = typer.Option(None, help="manifest.json to score on (default: the one it was trained on)."),
+    max_rows: int | None = typer.Option(None, min=1, help="Rows of the eval set (default: the eval config's)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the metrics."),
 ) -> None:
     """Score any registered version on any manifest built with its tokenizer."""
@@ -105,8 +115,13 @@ def evaluate(
         rows = max_rows or recorded_rows
         cfg = EvalConfig(max_rows=rows) if rows else EvalConfig()
         result = run_eval(Path(manifest), download_model(model_uri), cfg)
-        out = {"model_uri": model_uri, "manifest": str(manifest), "eval_set_sha256": result.eval_set_sha256,
-               **result.metrics, "generations": result.samples}
+        out = {
+            "model_uri": model_uri,
+            "manifest": str(manifest),
+            "eval_set_sha256": result.eval_set_sha256,
+            **result.metrics,
+            "generations": result.samples,
+        }
         for headline in task_spec(result.task).headline:
             console.print(f"  {headline.metric:<9} {result.metrics[headline.metric]:.4f}")
         console.print(f"  eval set  {result.eval_set_sha256[:16]}")

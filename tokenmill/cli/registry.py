@@ -15,8 +15,11 @@ def promote(
     version: str = typer.Argument(..., help="Model version to make champion."),
     force: bool = typer.Option(False, "--force", help="Promote even if the gate says no."),
     name: str = typer.Option("tokenmill-lm", help="Registered model name."),
-    min_improvement: float = typer.Option(0.005, help="Relative gain the gate requires in the version's gate metric "
-                                                      "(val_bpb for a language model, macro_f1 for a classifier)."),
+    min_improvement: float = typer.Option(
+        0.005,
+        help="Relative gain the gate requires in the version's gate metric "
+        "(val_bpb for a language model, macro_f1 for a classifier).",
+    ),
 ) -> None:
     """Make VERSION champion if it beats the current one on the same eval set (or --force)."""
     with user_errors():
@@ -43,8 +46,8 @@ def models(name: str = typer.Option("tokenmill-lm", help="Registered model name,
         runtime.configure_env()
         from rich.table import Table
 
-        from tokenmill.console import console
         from tasks.registry.versions import list_versions
+        from tokenmill.console import console
 
         columns, rows = list_versions(name)
         table = Table(*columns)

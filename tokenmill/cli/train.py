@@ -24,7 +24,6 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -35,20 +34,24 @@ from tokenmill.errors import TokenmillError
 def train(
     shards: Path = typer.Option(..., "--shards", help="The manifest.json of a shards directory."),
     preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Override train.max_steps."),
+    max_steps: int | None = typer.Option(None, min=1, help="Override train.max_steps."),
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint in --out."),
-    checkpoint_every: Optional[int] = typer.Option(None, min=0, help="Steps between checkpoints (0: only at the end)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default: auto)."),
+    checkpoint_every: int | None = typer.Option(None, min=0, help="Steps between checkpoints (0: only at the end)."),
+    device: str | None = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps (default: auto)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default: $TOKENMILL_HOME/train/<shards>-<preset>)."),
-    init_from: Optional[Path] = typer.Option(None, help="Warm-start from these weights (a finished run's model.pt)."),
-    init_tokenizer_sha256: Optional[str] = typer.Option(None, help="Tokenizer sha256 of --init-from, if no model.json is beside it."),
+    out: Path | None = typer.Option(None, help="Run directory (default: $TOKENMILL_HOME/train/<shards>-<preset>)."),
+    init_from: Path | None = typer.Option(None, help="Warm-start from these weights (a finished run's model.pt)."),
+    init_tokenizer_sha256: str | None = typer.Option(
+        None, help="Tokenizer sha256 of --init-from, if no model.json is beside it."
+    ),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
-    task: Optional[str] = typer.Option(None, "--task", help="lm or classify (default: the task the shards were built for)."),
-    nproc_per_node: Optional[int] = typer.Option(None, min=1, help="Ranks on this machine; > 1 launches torchrun."),
+    task: str | None = typer.Option(
+        None, "--task", help="lm or classify (default: the task the shards were built for)."
+    ),
+    nproc_per_node: int | None = typer.Option(None, min=1, help="Ranks on this machine; > 1 launches torchrun."),
     nnodes: int = typer.Option(1, min=1, help="Machines in the run (each runs this same command)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous when --nnodes > 1."),
+    rdzv_endpoint: str | None = typer.Option(None, help="HOST:PORT of the rendezvous when --nnodes > 1."),
     rdzv_id: str = typer.Option("tokenmill", help="Rendezvous id shared by the nodes of one run."),
 ) -> None:
     """Train a model on SHARDS: checkpoints and weights in --out, no tracking server needed."""
@@ -59,8 +62,13 @@ def train(
 
         runtime.configure_env()
         manifest = read_manifest(shards)
-        flags = {"max_steps": max_steps, "checkpoint_every": checkpoint_every, "device": device,
-                 "compile": compile or None, "nproc_per_node": nproc_per_node}
+        flags = {
+            "max_steps": max_steps,
+            "checkpoint_every": checkpoint_every,
+            "device": device,
+            "compile": compile or None,
+            "nproc_per_node": nproc_per_node,
+        }
         overrides = deep_merge(parse_assignments(set_), {"train": {k: v for k, v in flags.items() if v is not None}})
         overrides["task"] = shards_task(task, manifest, shards)
         cfg = resolve_config(preset, None, overrides)
@@ -77,8 +85,10 @@ def train(
 
 def read_manifest(path: Path) -> dict:
     if not path.is_file():
-        raise TokenmillError(f"shards manifest not found: {path}; pass the manifest.json of a shards directory "
-                             f"(`tokenmill run` writes them under $TOKENMILL_HOME/shards/)")
+        raise TokenmillError(
+            f"shards manifest not found: {path}; pass the manifest.json of a shards directory "
+            f"(`tokenmill run` writes them under $TOKENMILL_HOME/shards/)"
+        )
     try:
         manifest = json.loads(path.read_text())
         manifest["row_len"], manifest["tokenizer"]["sha256"], manifest["shards"]  # noqa: B018
@@ -96,8 +106,10 @@ def shards_task(task: str | None, manifest: dict, shards: Path) -> str:
         return built_for
     if task != built_for:
         source = "a labelled corpus" if task_spec(task, "--task").labelled else "an unlabelled corpus"
-        raise TokenmillError(f"{shards} holds {built_for} shards, not {task} ones; "
-                             f"pass --task {built_for}, or build {task} shards from {source} with `tokenmill preprocess`")
+        raise TokenmillError(
+            f"{shards} holds {built_for} shards, not {task} ones; "
+            f"pass --task {built_for}, or build {task} shards from {source} with `tokenmill preprocess`"
+        )
     return task
 
 
@@ -138,9 +150,16 @@ def tracking(uri: str | None, cfg, shards: Path, manifest: dict, out_dir: Path, 
     from tasks.run.mlflow_runs import TrainingRun
     from tokenmill.console import step
 
-    tags = {"tokenmill.task": cfg.task, "tokenmill.stages": "train", "tokenmill.shards": str(Path(shards).resolve()),
-            "tokenmill.tokenizer_sha256": manifest["tokenizer"]["sha256"], "tokenmill.out_dir": str(Path(out_dir).resolve())}
-    run = TrainingRun(cfg.registry.experiment, f"{Path(shards).resolve().parent.name}-{cfg.preset}", cfg.model_dump(), tags)
+    tags = {
+        "tokenmill.task": cfg.task,
+        "tokenmill.stages": "train",
+        "tokenmill.shards": str(Path(shards).resolve()),
+        "tokenmill.tokenizer_sha256": manifest["tokenizer"]["sha256"],
+        "tokenmill.out_dir": str(Path(out_dir).resolve()),
+    }
+    run = TrainingRun(
+        cfg.registry.experiment, f"{Path(shards).resolve().parent.name}-{cfg.preset}", cfg.model_dump(), tags
+    )
     if rank0_here:
         step(f"tracking in MLflow run {run.open()} (experiment {cfg.registry.experiment})")
     try:
@@ -169,15 +188,25 @@ def report(result, out_dir: Path, mlflow_run_id: str | None = None) -> dict:
         console.print("this node's ranks are done; rank 0 runs on another node and writes the results there")
         return {"out_dir": str(out_dir), "rank0_here": False, "mlflow_run_id": None}
     summary = {
-        "final_loss": result.final_loss, "steps": result.steps, "tokens": result.tokens,
-        "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
-        "checkpoint": str(result.checkpoint) if result.checkpoint else None, "weights": str(result.weights),
-        "weights_sha256": result.weights_sha256, "gpt_config": result.gpt_config,
-        "resumed_from": result.resumed_from, "out_dir": str(out_dir), "head": result.head,
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": result.seconds,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "weights": str(result.weights),
+        "weights_sha256": result.weights_sha256,
+        "gpt_config": result.gpt_config,
+        "resumed_from": result.resumed_from,
+        "out_dir": str(out_dir),
+        "head": result.head,
         "mlflow_run_id": mlflow_run_id,
     }
-    console.print(f"[bold green]done[/]  {result.steps} steps, loss {result.final_loss:.4f}, "
-                  f"{result.tokens_per_second:,.0f} tokens/s", soft_wrap=True)
+    console.print(
+        f"[bold green]done[/]  {result.steps} steps, loss {result.final_loss:.4f}, "
+        f"{result.tokens_per_second:,.0f} tokens/s",
+        soft_wrap=True,
+    )
     console.print(f"  weights     {result.weights}", soft_wrap=True)
     console.print(f"  checkpoint  {result.checkpoint}", soft_wrap=True)
     console.print(f"  sha256      {result.weights_sha256}", soft_wrap=True)

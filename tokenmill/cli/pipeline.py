@@ -40,11 +40,12 @@ def run(
         runtime.configure()
         from tokenmill.embedded import start_embedded_services
 
-        start_embedded_services()  # one process at a time, as overlapping runs share them
+        api_ready = start_embedded_services()  # safe beside overlapping runs; it starts while we import
         from flows.pipeline import run_pipeline
         from tasks.core.policy import hide_user_error_tracebacks
 
         hide_user_error_tracebacks()
+        api_ready()
 
         summary = run_pipeline(
             corpus=corpus,

@@ -6,6 +6,8 @@ artifacts in a directory, and a Dask scheduler with two workers.
   completes and registers a version in the MLflow server.
 - A process work pool and `prefect worker start`: a deployment run by the worker puts its state
   and its registry under the worker's TOKENMILL_HOME, never under the working directory.
+- Three overlapping `tokenmill run` on one state dir against the servers: each stage runs
+  once, one version is registered, nothing prints a traceback.
 
 Without a PostgreSQL server on 127.0.0.1:5432 the module is skipped, saying so. Everything is
 shut down at the end, also when a test fails.
@@ -17,10 +19,12 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 import uuid
@@ -301,3 +305,30 @@ def test_a_process_worker_runs_a_deployment_into_its_own_state_dir(servers, tmp_
     assert [client.get_run(v.run_id).data.tags["prefect.flow_run_id"] for v in versions] == [run["id"]]
     assert list((home / "shards").glob("corpus-*/manifest.json")), "the shards are not under TOKENMILL_HOME"
     assert not (REPO / "mlruns").exists() and not (services.root / "mlflow.db").exists()
+
+
+def test_three_overlapping_runs_against_the_servers_build_and_register_once(servers, tmp_path):
+    """A schedule and two triggers at once, on one state dir, against the servers and the Dask cluster."""
+    from mlflow import MlflowClient
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email", "logging", "asyncio"):
+        shutil.copytree(src / package, tmp_path / "corpus" / package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**servers.env, "TOKENMILL_HOME": str(tmp_path / "state")}
+    model = "tokenmill-overlap"
+    cmd = [str(BIN / "tokenmill"), "run", str(tmp_path / "corpus"), "--preset", "tiny", "--max-steps", "20",
+           "--set", f"registry.model_name={model}"]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        for _ in range(3)
+    ]
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-3000:] for e in errs)
+    assert not [e for e in errs if "Traceback" in e], "\n".join(errs)
+    for work in ("training bpe tokenizer", "> encoding ", "training on cpu", "evaluating on the frozen eval set"):
+        assert sum(work in e for e in errs) == 1, (work, errs)
+    uri = servers.env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [str(v.version) for v in client.search_model_versions(f"name='{model}'")] == ["1"]
+    assert len(list((tmp_path / "state" / "shards").glob("*/manifest.json"))) == 1

@@ -55,12 +55,13 @@ def expand(pattern: str, base: Path) -> str:
     return pattern if os.path.isabs(pattern) else str(base / pattern)
 
 
-def list_pattern(pattern: str, base: Path, where: str) -> list[SourceFile]:
-    """The files one `paths` item matches. A plain path that does not exist is an error."""
+def list_pattern(pattern: str, base: Path, where: str, exclude: list[str] | tuple[str, ...] = ()) -> list[SourceFile]:
+    """The files one `paths` item matches. A plain path that does not exist is an error.
+    `exclude` only spares walking directories it drops whole; the caller still applies it."""
     expanded = expand(pattern, base)
     if is_url(expanded):
         return _list_url(expanded, where)
-    return _list_local(expanded, pattern, where)
+    return _list_local(expanded, pattern, where, exclude)
 
 
 def list_sources(
@@ -71,7 +72,7 @@ def list_sources(
     found: dict[str, SourceFile] = {}
     for pattern in patterns:
         root = static_root(expand(pattern, base)) if label_dirs else ""
-        for f in list_pattern(pattern, base, where):
+        for f in list_pattern(pattern, base, where, exclude):
             found[f.path] = f.model_copy(update={"label": dir_label(f.path, root)}) if label_dirs else f
     return [f for p, f in sorted(found.items()) if not any(fnmatch.fnmatch(p, ex) for ex in exclude)]
 
@@ -99,9 +100,9 @@ def dir_label(path: str, root: str) -> str | None:
     return root.rstrip("/").rsplit("/", 1)[-1] or None
 
 
-def _list_local(expanded: str, pattern: str, where: str) -> list[SourceFile]:
+def _list_local(expanded: str, pattern: str, where: str, exclude=()) -> list[SourceFile]:
     if GLOB_CHARS & set(expanded):
-        matches = glob.glob(expanded, recursive=True)
+        matches = _glob(expanded, exclude)
     elif os.path.isdir(expanded):
         matches = glob.glob(os.path.join(glob.escape(expanded), "**", "*"), recursive=True)
     elif os.path.exists(expanded):
@@ -114,6 +115,22 @@ def _list_local(expanded: str, pattern: str, where: str) -> list[SourceFile]:
             st = os.stat(match)
             files.append(SourceFile(path=os.path.abspath(match), size=st.st_size, mtime_ns=st.st_mtime_ns))
     return files
+
+
+def _glob(expanded: str, exclude) -> list[str]:
+    """`glob.glob(expanded, recursive=True)` for a `root/**/rest` pattern, without walking the
+    directories right below `root` that an exclude pattern drops whole: the standard library's
+    `*/site-packages/*` holds most of the files under it. Other patterns go to glob as they are."""
+    root, sep, rest = expanded.partition("/**/")
+    if not sep or GLOB_CHARS & set(root) or not os.path.isdir(root):
+        return glob.glob(expanded, recursive=True)
+    matches = glob.glob(os.path.join(glob.escape(root), rest), recursive=True)  # `**` as no directory
+    with os.scandir(root) as entries:
+        subdirs = [e.path for e in entries if not e.name.startswith(".") and e.is_dir()]  # as glob's `**`
+    for sub in subdirs:
+        if not any(ex.endswith("*") and fnmatch.fnmatch(sub + "/", ex) for ex in exclude):
+            matches += glob.glob(os.path.join(glob.escape(sub), "**", rest), recursive=True)
+    return matches
 
 
 def _list_url(url: str, where: str) -> list[SourceFile]:

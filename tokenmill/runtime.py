@@ -14,6 +14,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenmill.errors import TokenmillError
+
 
 @dataclass(frozen=True)
 class Services:
@@ -40,6 +42,38 @@ def services() -> Services:
         dask_address=os.environ.get("TOKENMILL_DASK_ADDRESS") or None,
         prefect_api_url=os.environ.get("PREFECT_API_URL") or None,
     )
+
+
+# A Dask scheduler runs whatever functions its clients send, so a plain-TCP one off this
+# machine lets anyone on the network run code on the workers. TLS needs these three files.
+DASK_TLS_VARS = ("TOKENMILL_DASK_TLS_CA_FILE", "TOKENMILL_DASK_TLS_CERT", "TOKENMILL_DASK_TLS_KEY")
+DASK_INSECURE_OPT_IN = "TOKENMILL_DASK_ALLOW_INSECURE"
+LOOPBACK_HOSTS = ("localhost", "127.", "[::1]", "::1")
+
+
+def check_dask_address(address: str | None) -> None:
+    """A clear error, before anything is written, for a Dask scheduler tokenmill will not use:
+    `tls://` without the certificate files, or plain TCP (or ws://) off this machine unless
+    TOKENMILL_DASK_ALLOW_INSECURE=1 says the network is trusted."""
+    if not address:
+        return
+    scheme, sep, rest = address.partition("://")
+    scheme, rest = (scheme, rest) if sep else ("tcp", address)
+    if scheme in ("tls", "wss"):
+        missing = [name for name in DASK_TLS_VARS if not os.environ.get(name)]
+        if missing:
+            raise TokenmillError(
+                f"Dask scheduler {address} uses TLS but {', '.join(missing)} is not set: "
+                f"set {', '.join(DASK_TLS_VARS)} to the CA, client certificate and key files"
+            )
+        return
+    host = rest.rsplit(":", 1)[0] if rest.count(":") == 1 or rest.startswith("[") else rest
+    if scheme in ("tcp", "ws") and not host.startswith(LOOPBACK_HOSTS) and os.environ.get(DASK_INSECURE_OPT_IN) != "1":
+        raise TokenmillError(
+            f"refusing the unencrypted Dask scheduler {address}: anyone who reaches it can run code on its "
+            f"workers; use a tls:// address with {', '.join(DASK_TLS_VARS)} set, or set "
+            f"{DASK_INSECURE_OPT_IN}=1 on a network you trust"
+        )
 
 
 def configure_env() -> Services:

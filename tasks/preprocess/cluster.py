@@ -52,6 +52,21 @@ def start_method_config(workers: int) -> dict[str, str]:
     return {}
 
 
+def security_for(address: str):
+    """The client's TLS settings for a `tls://` (or `wss://`) scheduler, from the certificate
+    files TOKENMILL_DASK_TLS_CA_FILE, _CERT and _KEY name; None (Dask's own config) otherwise.
+    Plain TCP off this machine is refused unless TOKENMILL_DASK_ALLOW_INSECURE=1."""
+    from tokenmill.runtime import DASK_TLS_VARS, check_dask_address
+
+    check_dask_address(address)
+    if not address.startswith(("tls://", "wss://")):
+        return None
+    from distributed import Security
+
+    ca, cert, key = (os.environ[name] for name in DASK_TLS_VARS)
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+
+
 @contextmanager
 def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     from distributed import Client, LocalCluster
@@ -71,7 +86,7 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     ):
         logging.getLogger(name).setLevel(level)
     if address:
-        with Client(address, timeout="30s") as client:
+        with Client(address, timeout="30s", security=security_for(address)) as client:
             yield client
         return
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_catalog.loader import Corpus, resolve_corpus
 from tokenmill.config import RunConfig, deep_merge, parse_assignments, resolve_config
-from tokenmill.runtime import services
+from tokenmill.runtime import check_dask_address, services
 
 
 @dataclass(frozen=True)
@@ -42,4 +42,5 @@ def plan_run(
     entry = {"data": resolved.entry.data, "tokenizer": resolved.entry.tokenizer, "task": resolved.entry.task}
     cfg = resolve_config(preset, entry, cli)
     svc = services()
+    check_dask_address(svc.dask_address)
     return RunPlan(resolved, cfg, svc.state_dir / "shards", svc.state_dir / "models", svc.dask_address)

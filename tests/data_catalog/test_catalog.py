@@ -451,3 +451,19 @@ def test_catalog_validate_of_a_bad_schema_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: catalog {bad}: entry 'x', field 'fromat': unknown field; check the spelling"
     ]
+
+
+def test_a_recursive_glob_skips_excluded_directories_and_lists_what_glob_lists(tmp_path):
+    import fnmatch
+    import glob
+
+    from data_catalog.listing import list_sources
+
+    for rel in ("a.py", "pkg/b.py", "pkg/sub/c.py", "pkg/sub/d.txt", "site-packages/x/e.py", ".hidden/f.py",
+                "pkg/.hid/g.py", "tests/h.py"):  # fmt: skip
+        write(tmp_path / "root" / rel, "x = 1\n")
+    pattern, exclude = str(tmp_path / "root" / "**" / "*.py"), ["*/site-packages/*", "*/tests/*"]
+    listed = [f.path for f in list_sources([pattern], exclude, tmp_path, "test")]
+    expected = sorted(p for p in glob.glob(pattern, recursive=True) if not any(fnmatch.fnmatch(p, e) for e in exclude))
+    assert listed == expected
+    assert [Path(p).relative_to(tmp_path / "root").as_posix() for p in listed] == ["a.py", "pkg/b.py", "pkg/sub/c.py"]

@@ -163,6 +163,7 @@ def preprocess(
         from tasks.run.plan import plan_run
 
         plan = plan_run(corpus, preset, set_, str(catalog) if catalog else None, task=task)
+        runtime.check_dask_address(dask_address)
         runtime.configure()
         from tasks.preprocess.stage import preprocess_corpus
 

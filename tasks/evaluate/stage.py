@@ -29,7 +29,7 @@ from tasks.modeling.local_model import LocalModel, from_manifest
 from tasks.modeling.task_data import manifest_task
 from tokenmill.config import EvalConfig
 from tokenmill.console import step
-from tokenmill.locks import exclusive
+from tokenmill.locks import exclusive, in_use
 
 # The evaluator of each task (tasks.core.spec), by the task's name.
 EVALUATORS = {"lm": evaluate_lm, "classify": evaluate_classifier}
@@ -79,7 +79,9 @@ def evaluate_model(
                 confusion=cached.get("confusion"),
             )
         else:
-            result = fresh_evaluation(manifest_path, local, trained, cfg, run_id, models_root, key)
+            # `tokenmill gc` skips the shard dir while this process reads its val shards
+            with in_use(Path(manifest_path).resolve().parent):
+                result = fresh_evaluation(manifest_path, local, trained, cfg, run_id, models_root, key)
     if run_id:
         log_evaluation(run_id, result)
     return result

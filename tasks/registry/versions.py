@@ -30,7 +30,7 @@ from tasks.registry.promotion import Candidate, Decision, IncomparableModels, de
 from tokenmill.config import ModelConfig
 from tokenmill.console import step
 from tokenmill.errors import TokenmillError
-from tokenmill.locks import exclusive
+from tokenmill.locks import exclusive, in_use
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 
@@ -146,7 +146,8 @@ def register_candidate(
         mv = existing_version(client, model_name, cid)
         if mv is None:
             step(f"registering {model_name}")
-            logged = log_model(run_id, evaluation.model, manifest_path, corpus_name, evaluation.weights_sha256)
+            with in_use(Path(manifest_path).resolve().parent):  # its manifest and tokenizer go into the model
+                logged = log_model(run_id, evaluation.model, manifest_path, corpus_name, evaluation.weights_sha256)
             mv = create_version_once(client, model_name, logged, run_id, cid)
         else:
             step(f"{model_name} v{mv.version} already holds these weights for this eval set: reusing it")

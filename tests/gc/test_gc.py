@@ -5,6 +5,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -304,3 +305,26 @@ def test_cli_dry_run_on_an_empty_state_dir_has_nothing_to_remove(tmp_path, monke
     assert out == {"removed": [], "bytes": 0, "kept": {"versions": [], "paths": {}}, "in_use": [], "dry_run": True}
     assert "nothing to remove" in result.stderr
     assert not (tmp_path / "empty").exists()  # a dry run on nothing writes nothing
+
+
+def test_a_shard_dir_being_evaluated_is_in_use_for_gc(tmp_path, monkeypatch):
+    from tasks.evaluate import stage
+    from tokenmill.config import EvalConfig
+    from tokenmill.locks import try_exclusive
+
+    shards = tmp_path / "shards" / "c-0123456789abcdef"
+    shards.mkdir(parents=True)
+    (shards / "manifest.json").write_text(json.dumps({"shards": [], "tokenizer": {"path": "t.model", "sha256": "x"}}))
+    seen = []
+
+    def evaluating(*args, **kwargs):
+        with try_exclusive(shards.resolve()) as free:
+            seen.append(free)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stage, "fresh_evaluation", evaluating)
+    weights = tmp_path / "models" / "r" / "model.pt"
+    trained = SimpleNamespace(weights=weights, gpt_config={}, head=None, weights_sha256="")
+    with pytest.raises(RuntimeError, match="stop here"):
+        stage.evaluate_model.fn(shards / "manifest.json", trained, EvalConfig(), None)
+    assert seen == [False]

@@ -51,6 +51,10 @@ def write_corpus(
     return root / "manifest.json"
 
 
+# `tokenmill train` flags for a model small enough to train in a second.
+TINY_TRAIN = ["--preset", "tiny", "--set", "model.n_embd=32", "--set", "train.batch_size=8", "--device", "cpu"]
+
+
 def tiny_config(**train):
     base = {
         "max_steps": 8,

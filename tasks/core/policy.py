@@ -28,6 +28,15 @@ def retry_transient(task, task_run, state) -> bool:
     return True
 
 
+# The retry settings stages pass to Prefect's @task. A stage whose failures may pass on their own
+# (a busy database, a network blip) tries twice more, after about 2 s and 10 s, jittered so that
+# overlapping runs do not retry in step; tracking calls are cheap and try three times, sooner.
+TRANSIENT_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_jitter_factor": 0.5,
+                     "retry_condition_fn": retry_transient}  # fmt: skip
+TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "retry_jitter_factor": 0.5,
+                    "retry_condition_fn": retry_transient}  # fmt: skip
+
+
 class HideUserErrors(logging.Filter):
     """Keep Prefect from logging a traceback for an error the CLI reports in one line."""
 

@@ -19,7 +19,7 @@ from prefect import task
 from data_catalog.loader import Corpus
 from tasks.core import manifest as mf
 from tasks.core.atomic import sha256_file
-from tasks.core.policy import retry_transient
+from tasks.core.policy import TRANSIENT_RETRIES
 from tasks.core.spec import task_spec
 from tasks.preprocess.base import resolve_output
 from tasks.preprocess.classify import build_labelled
@@ -60,10 +60,7 @@ def verified_manifest_key(context, parameters: dict) -> str | None:
 
 @task(
     name="preprocess",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
     cache_key_fn=verified_manifest_key,
     persist_result=True,
     result_serializer="json",

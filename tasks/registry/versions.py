@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core.manifest import content_key
-from tasks.core.policy import retry_transient
+from tasks.core.policy import TRANSIENT_RETRIES
 from tasks.core.spec import LM, spec_for_gate, task_spec
 from tasks.modeling.evaluation import Evaluation
 from tasks.modeling.local_model import LocalModel
@@ -127,10 +127,7 @@ def aliases_of(client, name: str, version: str) -> list[str]:
 
 @task(
     name="register",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
     cache_policy=NO_CACHE,
 )
 def register_candidate(
@@ -374,10 +371,7 @@ def recorded_evaluation(model_uri: str) -> tuple[str, int | None]:
 
 promote_task = task(
     name="promote",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
     cache_policy=NO_CACHE,
 )(promote)
 
@@ -427,9 +421,6 @@ def require_shapes(uri: str, source: dict, model: ModelConfig) -> None:
 
 start_model_task = task(
     name="resolve-start-model",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRANSIENT_RETRIES,
     cache_policy=NO_CACHE,
 )(start_model)

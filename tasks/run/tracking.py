@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core.policy import retry_transient
+from tasks.core.policy import TRACKING_RETRIES
 from tasks.run.mlflow_runs import MlflowTracker, close_run, open_run
 
 __all__ = ["MlflowTracker", "close_run", "end_run", "open_run", "run_tags", "start_run"]
@@ -22,10 +22,7 @@ __all__ = ["MlflowTracker", "close_run", "end_run", "open_run", "run_tags", "sta
 
 @task(
     name="start-tracking-run",
-    retries=3,
-    retry_delay_seconds=[1, 4, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRACKING_RETRIES,
     cache_policy=NO_CACHE,
 )
 def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
@@ -35,10 +32,7 @@ def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict
 
 @task(
     name="end-tracking-run",
-    retries=3,
-    retry_delay_seconds=[1, 4, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient,
+    **TRACKING_RETRIES,
     cache_policy=NO_CACHE,
 )
 def end_run(run_id: str, status: str = "FINISHED") -> None:

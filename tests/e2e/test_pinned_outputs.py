@@ -75,22 +75,8 @@ def test_language_model_shards_are_byte_identical(lm_shards):
 
 def test_training_on_cpu_gives_the_same_weights(lm_shards):
     root, manifest = lm_shards
-    out = tokenmill(
-        "train",
-        "--shards",
-        manifest,
-        "--preset",
-        "tiny",
-        "--set",
-        "model.n_embd=32",
-        "--set",
-        "train.batch_size=8",
-        "--device",
-        "cpu",
-        "--max-steps",
-        "6",
-        home=root / "home",
-    )
+    args = ["--preset", "tiny", "--set", "model.n_embd=32", "--set", "train.batch_size=8", "--device", "cpu"]
+    out = tokenmill("train", "--shards", manifest, *args, "--max-steps", "6", home=root / "home")
     assert out["final_loss"] == pytest.approx(5.3751516, rel=1e-6)
     kernels = torch.backends.cpu.get_cpu_capability()
     if out["weights_sha256"] != WEIGHTS_BY_KERNELS.get(kernels):

@@ -17,7 +17,7 @@ from tasks.train import trainer
 from tasks.train.trainer import BatchSampler, accumulation_steps, lr_factor, peak_flops
 from tokenmill.errors import TokenmillError
 
-from train_helpers import ROW_LEN, VOCAB, Recorder, one_thread, tiny_config, write_corpus  # noqa: F401 (one_thread: autouse)
+from train_helpers import ROW_LEN, TINY_TRAIN, VOCAB, Recorder, one_thread, tiny_config, write_corpus  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")
@@ -187,23 +187,7 @@ def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.e2e  # starts processes: left out of make test-fast
 def test_cli_trains_without_prefect_or_mlflow_and_ends_with_one_json_line(corpus, tmp_path):
-    args = [
-        "--shards",
-        str(corpus),
-        "--preset",
-        "tiny",
-        "--set",
-        "model.n_embd=32",
-        "--set",
-        "train.batch_size=8",
-        "--device",
-        "cpu",
-        "--checkpoint-every",
-        "2",
-        "--max-steps",
-        "3",
-        "--json",
-    ]
+    args = ["--shards", str(corpus), *TINY_TRAIN, "--checkpoint-every", "2", "--max-steps", "3", "--json"]
     result = cli(*args, home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -222,22 +206,7 @@ def test_cli_continues_only_with_resume(corpus, tmp_path, monkeypatch):
     app.command("train")(train)  # as tokenmill/cli/ registers it
     app.command("other")(lambda: None)
     monkeypatch.setenv("TOKENMILL_PROGRESS", "0")
-    args = [
-        "train",
-        "--shards",
-        str(corpus),
-        "--preset",
-        "tiny",
-        "--set",
-        "model.n_embd=32",
-        "--set",
-        "train.batch_size=8",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "run"),
-        "--json",
-    ]
+    args = ["train", "--shards", str(corpus), *TINY_TRAIN, "--out", str(tmp_path / "run"), "--json"]
     runner = CliRunner()
     assert runner.invoke(app, [*args, "--max-steps", "2"]).exit_code == 0
     again = runner.invoke(app, [*args, "--max-steps", "3"])

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, GPTConfig  # noqa: E402
 from tasks.core.atomic import sha256_file  # noqa: E402
 from tasks.core.shards import ShardSet, write_shard  # noqa: E402
+from tasks.modeling.task_data import gpt_config_for  # noqa: E402
 from tasks.train import trainer  # noqa: E402
 from tasks.train.launch import EventWriter  # noqa: E402
 from tokenmill.config import resolve_config  # noqa: E402
@@ -86,7 +87,9 @@ def run_bare(gpt_config: GPTConfig, cfg, steps: int) -> float:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = GPT(gpt_config)
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu")
+    optimizer = model.configure_optimizer(
+        t.weight_decay, t.lr, (t.beta1, t.beta2), "cpu", optimizer=t.optimizer, muon_lr=t.muon_lr
+    )
     batches = torch.randint(0, gpt_config.vocab_size, (steps, t.batch_size, gpt_config.block_size + 1))
     started = time.perf_counter()
     for batch in batches:
@@ -137,13 +140,7 @@ def main() -> None:
         if args.checkpoint_every is not None:
             train["checkpoint_every"] = args.checkpoint_every
         cfg = resolve_config(args.preset, None, {"train": train})
-        gpt_config = GPTConfig(
-            vocab_size=meta["tokenizer"]["vocab_size"],
-            block_size=meta["row_len"] - 1,
-            n_layer=cfg.model.n_layer,
-            n_head=cfg.model.n_head,
-            n_embd=cfg.model.n_embd,
-        )
+        gpt_config = gpt_config_for(cfg, meta["tokenizer"]["vocab_size"], meta["row_len"] - 1)
 
         run_bare(gpt_config, cfg, 5)  # warm the allocator and kernels before anything is timed
         full, bare = [], []

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, GPTConfig, configure_optimizer
 
 POOLINGS = ("mean", "last")
 
@@ -52,6 +52,8 @@ class GPTClassifier(nn.Module):
         self.n_classes = n_classes
         self.pooling = pooling
         self.backbone = GPT(config)
+        if not config.tie_embeddings:  # a separate LM head the classifier never runs: keep it out of training
+            self.backbone.lm_head.weight.requires_grad_(False)
         self.head = nn.Linear(config.n_embd, n_classes, bias=True)
         self.init_head()
 
@@ -99,6 +101,11 @@ class GPTClassifier(nn.Module):
         n = self.num_params(non_embedding=True)
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def configure_optimizer(self, weight_decay, lr, betas, device_type) -> torch.optim.AdamW:
-        """AdamW that decays matrices (the backbone's and the head's) but not gains or the bias."""
-        return GPT.configure_optimizer(self, weight_decay, lr, betas, device_type)
+    def configure_optimizer(
+        self, weight_decay, lr, betas, device_type, *, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95
+    ) -> torch.optim.Optimizer:
+        """GPT.configure_optimizer over the backbone and the head; the head stays on AdamW."""
+        blocks = self.backbone.transformer.h
+        return configure_optimizer(
+            self, blocks, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum
+        )

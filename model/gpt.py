@@ -5,6 +5,15 @@ The layout follows nanoGPT's model.py: the config first, then the small parts
 differs from GPT-2 in three places: RMSNorm instead of LayerNorm, rotary
 position embeddings instead of a learned position table, and no biases.
 
+GPTConfig's defaults are that network, the one tokenmill's `gpt2` recipe trains and
+every gpt_config recorded before the modern recipe describes. The modern recipe
+(tokenmill's default, after modded-nanogpt and nanochat) turns on two levers:
+qk_norm (q and k RMS-normalised per head before the rotary embedding) and mlp="relu2"
+(ReLU squared instead of GELU). Options, each measured in BENCHMARKS.md: zero_init_proj
+(each block's output projections start at zero, so every block starts as the identity),
+an untied head, and logit_softcap (c * tanh(logits / c), as Gemma 2), which no stock
+Hugging Face architecture of our shape computes, so a model trained with it does not export.
+
 This module only builds the network. Compilation, DDP and FSDP are applied
 from outside, so the code here never changes when the hardware does.
 
@@ -20,6 +29,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from model.optim import Muon
+
 
 @dataclass
 class GPTConfig:
@@ -31,6 +42,11 @@ class GPTConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    mlp: str = "gelu"  # the MLP's activation: "gelu" (GPT-2) or "relu2" (ReLU squared)
+    qk_norm: bool = False  # RMSNorm on each head's q and k before the rotary embedding
+    tie_embeddings: bool = True  # one matrix embeds tokens and scores them
+    zero_init_proj: bool = False  # blocks' output projections start at zero (else GPT-2's scaled init)
+    logit_softcap: float = 0.0  # > 0: logits = softcap * tanh(logits / softcap)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -53,6 +69,18 @@ class GPTConfig:
             raise ValueError(f"rope_base must be positive, got {self.rope_base!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps!r}")
+        if self.mlp not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp must be one of {', '.join(MLP_ACTIVATIONS)}, got {self.mlp!r}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap must be >= 0 (0 turns it off), got {self.logit_softcap!r}")
+
+
+def relu2(x):
+    """ReLU squared (So et al. 2021, "Primer"): sparse like ReLU, smooth at zero like GELU."""
+    return F.relu(x).square()
+
+
+MLP_ACTIVATIONS = {"gelu": F.gelu, "relu2": relu2}
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +160,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm bounds the attention logits, which lets the optimizer take larger steps.
+        hs = config.n_embd // config.n_head
+        self.q_norm = RMSNorm(hs, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(hs, config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.size()
@@ -142,6 +174,7 @@ class CausalSelfAttention(nn.Module):
         # a GPT-2-small step on an H100; see BENCHMARKS.md).
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(2)  # each (B, T, nh, hs)
         cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hs)
+        q, k = self.q_norm(q), self.k_norm(k)  # per head, over hs; identities without qk_norm
         q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # each (B, nh, T, hs)
         if cache is not None:
@@ -164,12 +197,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.gelu = nn.GELU()
+        self.act = MLP_ACTIVATIONS[config.mlp]
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        x = self.act(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(x))  # (B, T, C)
 
 
@@ -229,7 +262,8 @@ class GPT(nn.Module):
         """
         # Weight tying: one matrix both embeds tokens and scores them, which saves
         # vocab_size * n_embd parameters and helps small models.
-        self.transformer.wte.weight = self.lm_head.weight
+        if self.config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         cos, sin = rotary_tables(
             self.config.n_embd // self.config.n_head,
             self.config.block_size,
@@ -241,11 +275,15 @@ class GPT(nn.Module):
             self.rope_sin.copy_(sin)
         self.apply(self._init_module)
         # GPT-2: each block adds two projections to the residual stream, so shrink
-        # them to keep its variance from growing with depth.
+        # them to keep its variance from growing with depth. zero_init_proj goes all
+        # the way: every block starts as the identity (modded-nanogpt, nanochat).
         proj_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.transformer.h:
-            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=proj_std)
-            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=proj_std)
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=proj_std)
 
     @staticmethod
     def _init_module(module):
@@ -291,13 +329,21 @@ class GPT(nn.Module):
         """
         x = self.features(idx, caches)  # (B, T, C)
         if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab)
+            logits = self.head(x)  # (B, T, vocab)
             # float32 so a bf16 autocast does not round the loss
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # (B, 1, vocab); list index keeps the T dim
+            logits = self.head(x[:, [-1], :])  # (B, 1, vocab); list index keeps the T dim
             loss = None
         return logits, loss
+
+    def head(self, x):
+        """Logits (B, T, vocab) of hidden states x (B, T, C), soft-capped when configured."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = cap * torch.tanh(logits.float() / cap)  # float32: tanh saturates early in bf16
+        return logits
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, generator=None, use_cache=True):
@@ -339,9 +385,10 @@ class GPT(nn.Module):
         return idx
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count, the tied embedding/head matrix counted once.
+        """Parameter count, a tied embedding/head matrix counted once.
 
-        non_embedding=True leaves that matrix out, the N of the scaling-law papers.
+        non_embedding=True leaves the embedding out, the N of the scaling-law papers
+        (an untied head stays in: it is a real matmul).
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
         if non_embedding:
@@ -355,21 +402,48 @@ class GPT(nn.Module):
 
         6 * N covers the forward (2) and backward (4) matmuls against every weight.
         N is the non-embedding count plus the head matrix once: the embedding is a
-        lookup, but the tied head is a real (C, vocab) matmul. The second term is
-        attention itself (QK^T and AV), which has no weights.
+        lookup, but the head is a real (C, vocab) matmul, tied or not. The second term
+        is attention itself (QK^T and AV), which has no weights. Norm gains count too
+        (a rounding error), the optimizer's own work (Muon's Newton-Schulz) does not.
         """
         cfg = self.config
-        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.n_embd
+        n = self.num_params(non_embedding=True) + (cfg.vocab_size * cfg.n_embd if cfg.tie_embeddings else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def configure_optimizer(self, weight_decay, lr, betas, device_type) -> torch.optim.AdamW:
-        """AdamW that decays matrices (matmul weights, the embedding) but not gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+    def configure_optimizer(
+        self, weight_decay, lr, betas, device_type, *, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95
+    ) -> torch.optim.Optimizer:
+        """The optimizer of `optimizer`: "adamw" or "muon".
+
+        adamw: AdamW at `lr` that decays matrices (matmul weights, the embedding) but not gains.
+        muon: Muon at `muon_lr` for the blocks' matrices (q, k and v orthogonalised apart),
+        AdamW at `lr` for the embedding, the head and the gains, as above.
+        """
+        return configure_optimizer(
+            self, self.transformer.h, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum
+        )
+
+
+def configure_optimizer(model, blocks, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum):
+    """GPT.configure_optimizer for any module whose hidden matrices are those of `blocks`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2] if optimizer == "muon" else []
+    taken = {id(p) for p in hidden}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in taken]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if optimizer == "adamw":
         # The fused kernel is CUDA-only and does one launch per step instead of many.
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    if optimizer != "muon":
+        raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
+    qkv = {id(b.attn.c_attn.weight) for b in blocks}
+    for split in (3, 1):
+        mats = [p for p in hidden if (id(p) in qkv) == (split == 3)]
+        groups.append({"params": mats, "muon": True, "split": split, "lr": muon_lr, "momentum": muon_momentum})
+    # Newton-Schulz in bfloat16 on CUDA (tensor cores), float32 elsewhere (bfloat16 is slow on CPU).
+    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    return Muon(groups, lr=lr, betas=betas, ns_dtype=dtype)

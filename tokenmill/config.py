@@ -1,11 +1,17 @@
 """The typed config tree of a run, its named presets, and how they combine.
 
-Precedence, lowest first: field defaults < preset < catalog entry < overrides (CLI `--set`,
-`--max-steps`, or flow parameters). `resolve_config` applies exactly that order.
+Precedence, lowest first: field defaults < recipe < preset < catalog entry < overrides (CLI
+`--set`, `--max-steps`, or flow parameters). `resolve_config` applies exactly that order.
+
+The field defaults are the modern recipe (`recipe: modern`). `recipe: gpt2` layers the
+settings of tokenmill's first recipe over them (presets.yaml, `recipes:`), so older
+configs reproduce and the two can be compared; the preset, the catalog entry and the
+overrides still win over either.
 """
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import Any, Literal
 
@@ -62,6 +68,13 @@ class ModelConfig(Section):
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(128, ge=8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    mlp: Literal["relu2", "gelu"] = Field("relu2", description="the MLP's activation: ReLU squared, or GELU (gpt2)")
+    qk_norm: bool = Field(True, description="RMS-normalise each head's q and k before attention")
+    tie_embeddings: bool = Field(True, description="one matrix embeds tokens and scores them")
+    zero_init_proj: bool = Field(False, description="blocks' output projections start at zero")
+    logit_softcap: float = Field(
+        0.0, ge=0.0, description="> 0: logits = c * tanh(logits / c); no stock HF architecture has it (no export)"
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -74,8 +87,17 @@ class TrainConfig(Section):
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for all"
+    )
+    lr: float = Field(3e-3, gt=0.0, description="AdamW's learning rate (with muon: embedding, head, gains)")
+    muon_lr: float = Field(0.01, gt=0.0, description="Muon's learning rate for the blocks' matrices")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    schedule: Literal["wsd", "cosine"] = Field(
+        "wsd", description="wsd: warmup, constant, linear decay over decay_fraction; cosine: warmup, cosine"
+    )
+    decay_fraction: float = Field(0.4, gt=0.0, le=1.0, description="wsd: the share of steps that decay the LR")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="the LR at the last step, as a share of lr")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = 0.9
@@ -99,6 +121,15 @@ class TrainConfig(Section):
     nproc_per_node: int = Field(1, ge=1, description="ranks on this machine; > 1 launches torchrun")
     peak_flops: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device for MFU; default: a table of GPUs"
+    )
+    budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="seconds of training: a throughput probe then picks depth, width, lr and max_steps "
+        "(tasks/train/budget.py); the configured shapes and max_steps are then ignored",
+    )
+    tokens_per_param: float = Field(
+        1.0, gt=0, description="with budget_s: training tokens per parameter to aim for (measured: BENCHMARKS.md)"
     )
 
     @model_validator(mode="after")
@@ -147,6 +178,9 @@ class RegistryConfig(Section):
 
 class RunConfig(Section):
     preset: str = "default"
+    recipe: Literal["modern", "gpt2"] = Field(
+        "modern", description="modern: Muon, QK-norm, ReLU², zero-init projections, WSD; gpt2: the first recipe"
+    )
     task: Literal["lm", "classify"] = Field(
         "lm", description="lm: next-token language model; classify: text classifier"
     )
@@ -166,9 +200,17 @@ class RunConfig(Section):
         return self
 
 
-def load_presets() -> dict[str, dict[str, Any]]:
+def load_presets_file() -> dict[str, Any]:
     text = resources.files("tokenmill").joinpath("presets.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
+
+
+def load_presets() -> dict[str, dict[str, Any]]:
+    return {name: layer for name, layer in load_presets_file().items() if name != "recipes"}
+
+
+def load_recipes() -> dict[str, dict[str, Any]]:
+    return load_presets_file()["recipes"]
 
 
 def preset_names() -> list[str]:
@@ -180,12 +222,21 @@ def resolve_config(
     catalog_overrides: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Merge defaults < preset < catalog entry < overrides into one validated RunConfig."""
-    presets = load_presets()
+    """Merge defaults < recipe < preset < catalog entry < overrides into one validated RunConfig.
+
+    The recipe is the one the higher layers name (the last of them that sets `recipe`). A preset
+    may hold settings for one recipe under that recipe's name (e.g. `gpt2: {train: {lr: ...}}`),
+    layered right above the preset when that recipe is the one in use."""
+    presets, recipes = load_presets(), load_recipes()
     if preset not in presets:
         raise TokenmillError(f"unknown preset '{preset}': choose one of {', '.join(sorted(presets))}")
+    preset_layer = {k: v for k, v in (presets[preset] or {}).items() if k not in recipes}
+    layers = (preset_layer, catalog_overrides or {}, overrides or {})
+    recipe = next((layer["recipe"] for layer in reversed(layers) if "recipe" in layer), "modern")
+    if recipe not in recipes:
+        raise TokenmillError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipes)}")
     merged: dict[str, Any] = {"preset": preset}
-    for layer in (presets[preset] or {}, catalog_overrides or {}, overrides or {}):
+    for layer in (recipes[recipe] or {}, preset_layer, (presets[preset] or {}).get(recipe) or {}, *layers[1:]):
         merged = deep_merge(merged, layer)
     try:
         return RunConfig.model_validate(merged)
@@ -229,6 +280,18 @@ def parse_value(raw: str) -> Any:
         except yaml.YAMLError:
             pass
     return text
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "90", "90s", "10m", "1h", "1h30m" or "2.5m"; a clear error otherwise."""
+    raw = str(text).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms]?)", raw)
+    if not raw or not parts or "".join(n + u for n, u in parts) != raw.replace(" ", ""):
+        raise TokenmillError(f"bad budget {text!r}: write seconds or a duration such as 90s, 10m or 1h30m")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise TokenmillError(f"bad budget {text!r}: it must be more than zero seconds")
+    return seconds
 
 
 def deep_merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:

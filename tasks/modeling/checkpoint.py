@@ -27,14 +27,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model import GPTConfig
 from tasks.core.atomic import atomic_path, write_json
 from tasks.modeling.parallel import is_fsdp, unwrap
 from tokenmill.errors import TokenmillError
 
 FORMAT = "tokenmill.checkpoint/v1"
 NAME = re.compile(r"^step-(\d{8})\.pt$")
-# The fields that fix a model's shapes and meaning; dropout may differ between runs.
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "rope_base", "norm_eps")
+# The fields that fix a model's shapes and meaning; dropout and the initialisation may differ.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "rope_base",
+    "norm_eps",
+    "mlp",
+    "qk_norm",
+    "tie_embeddings",
+    "logit_softcap",
+)
 # A backbone may move to another context length: its rotary tables are derived, not stored.
 BACKBONE_FIELDS = tuple(f for f in SHAPE_FIELDS if f != "block_size")
 BACKBONE = "backbone."
@@ -249,6 +262,11 @@ def warm_start_source(
 
 
 def shape_differences(source: dict, target: dict) -> list[str]:
+    """SHAPE_FIELDS that differ; a field a gpt_config lacks (recorded before it existed) has
+    GPTConfig's default, which is what that model computes."""
+    defaults = GPTConfig.__dataclass_fields__
+    source = {name: defaults[name].default for name in SHAPE_FIELDS} | source
+    target = {name: defaults[name].default for name in SHAPE_FIELDS} | target
     return [
         f"{name} {source.get(name)} (source) vs {target.get(name)} (this run)"
         for name in SHAPE_FIELDS
@@ -274,7 +292,8 @@ def warm_start(model: torch.nn.Module, source: WarmStart, tokenizer_sha256: str,
     if diffs:
         raise TokenmillError(
             f"cannot warm-start from {source.weights}: {'; '.join(diffs[:6])}; "
-            f"start from a model with the same tokenizer and shapes, or train from scratch"
+            f"start from a model with the same tokenizer, shapes and architecture (a model of the gpt2 "
+            f"recipe needs --set recipe=gpt2), or train from scratch"
         )
     model.load_state_dict(state)
     return f"warm start: all weights from {source.weights}"

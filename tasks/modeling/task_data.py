@@ -132,6 +132,23 @@ class ClassifyData:
 TASK_DATA = {"lm": LMData, "classify": ClassifyData}
 
 
+def gpt_config_for(cfg, vocab_size: int, block_size: int, **shape_fields) -> GPTConfig:
+    """The network a config trains (its model section, or `shape_fields` in place of its shapes)."""
+    m = cfg.model
+    fields = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, **shape_fields}
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=block_size,
+        dropout=m.dropout,
+        mlp=m.mlp,
+        qk_norm=m.qk_norm,
+        tie_embeddings=m.tie_embeddings,
+        zero_init_proj=m.zero_init_proj,
+        logit_softcap=m.logit_softcap,
+        **fields,
+    )
+
+
 def open_task_data(manifest_path: Path, manifest: dict, cfg) -> LMData | ClassifyData:
     """The data of the manifest's task; a config asking for another task is an error."""
     return TASK_DATA[check_task(cfg.task, manifest, manifest_path)](manifest_path, manifest, cfg)

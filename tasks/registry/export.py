@@ -6,17 +6,26 @@
     model = AutoModelForCausalLM.from_pretrained("./tokenmill-lm-hf")     # no trust_remote_code
 
 The network. `model/gpt.py` is a Llama-style decoder (RMSNorm pre-norm, rotate-half rotary
-embeddings, no biases) with a non-gated MLP and a tied head. transformers' Arcee architecture
-is exactly that: Llama's attention and norms with an MLP up_proj -> act -> down_proj. With
-hidden_act="gelu" (exact erf, as nn.GELU) it computes the same function, so the weights are only
-renamed, and c_attn is cut into q, k and v (its rows are [q; k; v], each head-major).
+embeddings, no biases) with a non-gated MLP, c_fc -> act -> c_proj. Two stock transformers
+architectures are exactly that, and the weights are only renamed (c_attn is cut into q, k and v:
+its rows are [q; k; v], each head-major):
+
+- without qk_norm, Arcee: Llama's attention and norms with an MLP up_proj -> act -> down_proj;
+- with qk_norm, Apertus: the same, plus an RMSNorm over each head's q and k before the rotary
+  embedding, as ours; its pre-norms are called attention_layernorm and feedforward_layernorm.
+
+hidden_act is the MLP's activation under the name transformers gives it: "gelu" (exact erf, as
+F.gelu) or "relu2" (ReLU squared). An untied head is written as lm_head.weight with
+tie_word_embeddings false. A gpt_config recorded before these options existed lacks their keys;
+GPTConfig's defaults fill them in (GELU, no qk_norm, tied), which is what that model computes.
 
 The tokenizer. The SentencePiece BPE model becomes a `tokenizers` BPE model whose merges replay
 SentencePiece's: two adjacent pieces merge when their concatenation is a piece, the highest
 scoring first. Text is Unicode-normalized as the training data was (the run's manifest says
 how), spaces become U+2581, and characters outside the vocabulary fall back to bytes.
 
-A classifier is refused: no stock transformers class pools and scores as GPTClassifier does.
+A classifier is refused: no stock transformers class pools and scores as GPTClassifier does. So
+is a model trained with logit_softcap > 0: no stock architecture of this shape soft-caps logits.
 Everything is checked before anything is written (the weights against their registered sha256,
 the tokenizer against config.json's); files go to a temporary directory beside OUT_DIR that is
 renamed into place at the end. This module does not import transformers.
@@ -43,16 +52,30 @@ from tokenmill.errors import TokenmillError
 if TYPE_CHECKING:
     from tasks.modeling.local_model import LocalModel
 
-ARCHITECTURE = "ArceeForCausalLM"
+ARCEE, APERTUS = "ArceeForCausalLM", "ApertusForCausalLM"
+MODEL_TYPES = {ARCEE: "arcee", APERTUS: "apertus"}
 SPACE = "\u2581"  # SentencePiece's visible space
 NORMALIZATIONS = ("none", "NFC", "NFKC")
-# GPT parameter -> Arcee parameter inside block i; c_attn is split apart in hf_state_dict.
-BLOCK_RENAMES = {
-    "ln_1.weight": "input_layernorm.weight",
+TOP_RENAMES = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight"}
+# GPT parameter -> the architecture's parameter inside block i; c_attn is split apart in hf_state_dict.
+SHARED_RENAMES = {
     "attn.c_proj.weight": "self_attn.o_proj.weight",
-    "ln_2.weight": "post_attention_layernorm.weight",
     "mlp.c_fc.weight": "mlp.up_proj.weight",
     "mlp.c_proj.weight": "mlp.down_proj.weight",
+}
+BLOCK_RENAMES = {
+    ARCEE: {
+        "ln_1.weight": "input_layernorm.weight",
+        "ln_2.weight": "post_attention_layernorm.weight",
+        **SHARED_RENAMES,
+    },
+    APERTUS: {
+        "ln_1.weight": "attention_layernorm.weight",
+        "ln_2.weight": "feedforward_layernorm.weight",
+        "attn.q_norm.weight": "self_attn.q_norm.weight",
+        "attn.k_norm.weight": "self_attn.k_norm.weight",
+        **SHARED_RENAMES,
+    },
 }
 BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 
@@ -60,12 +83,24 @@ BLOCK_KEY = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
 # ---------------------------------------------------------------- the network
 
 
+def architecture(cfg: GPTConfig) -> str:
+    """The stock transformers class that computes what GPT(cfg) does; a TokenmillError if none does."""
+    if cfg.logit_softcap:
+        raise TokenmillError(
+            f"the model soft-caps its logits (logit_softcap={cfg.logit_softcap}) and no stock transformers "
+            f"architecture of its shape does, so an export would change its outputs; train with "
+            f"model.logit_softcap=0 to export it"
+        )
+    return APERTUS if cfg.qk_norm else ARCEE
+
+
 def hf_config(gpt_config: dict, eos_id: int = 1, dtype: str = "float32") -> dict:
-    """config.json of the ArceeForCausalLM that computes what GPT(GPTConfig(**gpt_config)) does."""
+    """config.json of the Arcee or Apertus model that computes what GPT(GPTConfig(**gpt_config)) does."""
     cfg = GPTConfig(**gpt_config)
-    return {
-        "architectures": [ARCHITECTURE],
-        "model_type": "arcee",
+    arch = architecture(cfg)
+    config = {
+        "architectures": [arch],
+        "model_type": MODEL_TYPES[arch],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": 4 * cfg.n_embd,
@@ -73,21 +108,25 @@ def hf_config(gpt_config: dict, eos_id: int = 1, dtype: str = "float32") -> dict
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_head,
         "head_dim": cfg.n_embd // cfg.n_head,
-        "hidden_act": "gelu",
+        "hidden_act": cfg.mlp,  # "gelu" and "relu2" are transformers' names (ACT2FN) too
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
         "rope_theta": cfg.rope_base,  # the transformers 4.x spelling; 5.x folds it into rope_parameters
-        "tie_word_embeddings": True,
+        "rope_scaling": None,  # 4.x again: Apertus would default to llama3 scaling; 5.x ignores a null
+        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
-        "mlp_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": None,  # the tokenizer has no BOS piece
+        # Each written out: the tokenizer has no BOS piece, and Apertus's defaults are its own ids.
+        "bos_token_id": None,
         "eos_token_id": eos_id,
         "pad_token_id": None,
         "dtype": dtype,
         "use_cache": True,
     }
+    if arch == ARCEE:
+        config["mlp_bias"] = False  # Apertus has no such field: its MLP never has biases
+    return config
 
 
 def generation_config(eos_id: int, block_size: int) -> dict:
@@ -95,44 +134,51 @@ def generation_config(eos_id: int, block_size: int) -> dict:
     return {"eos_token_id": eos_id, "pad_token_id": eos_id, "max_length": block_size}
 
 
-def hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT's state dict under Arcee's names: separate, contiguous tensors, the tied head left out."""
+def hf_state_dict(state: dict[str, torch.Tensor], gpt_config: dict) -> dict[str, torch.Tensor]:
+    """GPT's state dict under its architecture's names: separate, contiguous tensors, a tied head left out."""
     if any(name.startswith("backbone.") for name in state):
         raise TokenmillError("these are a classifier's weights; only a language model exports to Hugging Face")
+    cfg = GPTConfig(**gpt_config)
+    renames = BLOCK_RENAMES[architecture(cfg)]
     out, unknown = {}, []
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
-        match = BLOCK_KEY.match(name)
-        if name == "transformer.wte.weight":
-            out["model.embed_tokens.weight"] = tensor
-        elif name == "transformer.ln_f.weight":
-            out["model.norm.weight"] = tensor
+        block = BLOCK_KEY.match(name)
+        if name == "lm_head.weight" and not cfg.tie_embeddings:
+            out[name] = tensor
         elif name == "lm_head.weight":
-            if "transformer.wte.weight" in state and not torch.equal(tensor, state["transformer.wte.weight"]):
-                raise TokenmillError("lm_head.weight differs from the token embedding; the export assumes them tied")
-        elif match and match.group(2) == "attn.c_attn.weight":
-            prefix = f"model.layers.{match.group(1)}.self_attn."
+            if not torch.equal(tensor, state.get("transformer.wte.weight", tensor)):
+                raise TokenmillError(
+                    "lm_head.weight differs from the token embedding, but the model's gpt_config says "
+                    "tie_embeddings=true; the export would drop the head"
+                )
+        elif block and block.group(2) == "attn.c_attn.weight":
+            prefix = f"model.layers.{block.group(1)}.self_attn."
             for part, rows in zip("qkv", tensor.chunk(3, dim=0)):  # (3C, C): rows [q; k; v]
                 out[f"{prefix}{part}_proj.weight"] = rows
-        elif match and match.group(2) in BLOCK_RENAMES:
-            out[f"model.layers.{match.group(1)}.{BLOCK_RENAMES[match.group(2)]}"] = tensor
+        elif block and block.group(2) in renames:
+            out[f"model.layers.{block.group(1)}.{renames[block.group(2)]}"] = tensor
+        elif name in TOP_RENAMES:
+            out[TOP_RENAMES[name]] = tensor
         else:
             unknown.append(name)
-    n_layer = 1 + max((int(m.group(1)) for m in map(BLOCK_KEY.match, state) if m), default=-1)
-    missing = sorted(set(expected_hf_keys(n_layer)) - set(out))
+    expected = expected_hf_keys(cfg)
+    missing = sorted(set(expected) - set(out))
+    unknown += sorted(set(out) - set(expected))  # blocks beyond n_layer
     if unknown or missing:
         raise TokenmillError(
-            f"these weights are not a tokenmill GPT's (unexpected {unknown[:3]}, missing {missing[:3]})"
+            f"these weights are not those of the GPT their gpt_config describes "
+            f"(unexpected {unknown[:3]}, missing {missing[:3]})"
         )
     # safetensors refuses tensors that share storage, as q, k and v views of c_attn would.
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
 
-def expected_hf_keys(n_layer: int) -> list[str]:
-    keys = ["model.embed_tokens.weight", "model.norm.weight"]
-    for i in range(n_layer):
+def expected_hf_keys(cfg: GPTConfig) -> list[str]:
+    keys = [*TOP_RENAMES.values(), *([] if cfg.tie_embeddings else ["lm_head.weight"])]
+    for i in range(cfg.n_layer):
         keys += [f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkv"]
-        keys += [f"model.layers.{i}.{name}" for name in BLOCK_RENAMES.values()]
+        keys += [f"model.layers.{i}.{name}" for name in BLOCK_RENAMES[architecture(cfg)].values()]
     return keys
 
 
@@ -236,16 +282,22 @@ def write_hf(
     out_dir: Path, state: dict[str, torch.Tensor], gpt_config: dict, tokenizer_model: bytes, normalize: str
 ) -> None:
     """Write the Hugging Face checkpoint of a GPT's weights and SentencePiece model into out_dir."""
+    eos_id = spm_proto(tokenizer_model).trainer_spec.eos_id
+    write_model(out_dir, state, gpt_config, eos_id)
+    write_tokenizer(tokenizer_model, out_dir, normalize, GPTConfig(**gpt_config).block_size)
+
+
+def write_model(out_dir: Path, state: dict[str, torch.Tensor], gpt_config: dict, eos_id: int) -> None:
+    """model.safetensors, config.json and generation_config.json, which
+    `AutoModelForCausalLM.from_pretrained(out_dir)` loads; nothing is written if the GPT does not export."""
     from safetensors.torch import save_file
 
-    tensors = hf_state_dict(state)
-    proto = spm_proto(tokenizer_model)
-    eos_id, block_size = proto.trainer_spec.eos_id, GPTConfig(**gpt_config).block_size
+    tensors = hf_state_dict(state, gpt_config)
     dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    config = hf_config(gpt_config, eos_id, dtype)
     save_file(tensors, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
-    write_json(Path(out_dir) / "config.json", hf_config(gpt_config, eos_id, dtype))
-    write_json(Path(out_dir) / "generation_config.json", generation_config(eos_id, block_size))
-    write_tokenizer(tokenizer_model, out_dir, normalize, block_size)
+    write_json(Path(out_dir) / "config.json", config)
+    write_json(Path(out_dir) / "generation_config.json", generation_config(eos_id, config["max_position_embeddings"]))
 
 
 def export_hf(model_uri: str, out_dir: Path) -> Path:
@@ -262,6 +314,7 @@ def export_hf(model_uri: str, out_dir: Path) -> Path:
         local = download_model(model_uri, Path(tmp) / "model")
         if local.head is not None:
             raise TokenmillError(classifier_refusal(model_uri, local.head))
+        architecture(GPTConfig(**local.gpt_config))  # refuses a network no stock class computes
         state = torch.load(local.weights, map_location="cpu", weights_only=True)
         verify(model_uri, local, state, version.tags.get("weights_sha256"))
         logged = json.loads(local.weights.with_name("config.json").read_text()).get("normalize")

@@ -42,6 +42,13 @@ class MlflowTracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, str(v)[:500]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(self.run_id, params=batch[i : i + 100], synchronous=True)
+
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
@@ -139,6 +146,10 @@ class TrainingRun:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.open()
         self._tracker.log_metrics(metrics, step)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.open()
+        self._tracker.log_params(params)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

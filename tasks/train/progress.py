@@ -11,6 +11,7 @@ from tasks.core.spec import task_spec
 from tasks.modeling.checkpoint import WarmStart
 from tasks.modeling.parallel import pick_device
 from tasks.train import trainer
+from tasks.train.budget import budgeted
 from tasks.train.launch import Topology, run_training
 from tokenmill.console import progress, step
 
@@ -34,7 +35,9 @@ def train_with_progress(
     topology: Topology | None = None,
 ) -> trainer.TrainResult | None:
     """`launch.run_training`, announced and with a progress bar; `earlier` are the checkpoints
-    it continues from (shown when resuming)."""
+    it continues from (shown when resuming). A `train.budget_s` is resolved first (tasks.train.budget)."""
+    if cfg.train.budget_s:
+        cfg = budgeted(manifest_path, manifest, cfg, out_dir, bool(earlier and resume), tracker, warm is not None)
     topology = topology or Topology(cfg.train.nproc_per_node)
     ranks = f" x {topology.nproc_per_node * topology.nnodes} ranks" if topology.distributed else ""
     step(

@@ -112,19 +112,24 @@ def fresh_training(
     result = train_with_progress(manifest_path, manifest, cfg, out_dir, tracker, resume, warm, earlier)
     tracker.log_metrics({"train_tokens": result.tokens, "train_seconds": result.seconds}, step=result.steps)
     value = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(result).items()}
-    stage_cache.store(models_root, key, [result.weights], {"result": value, "history": tracker.history})
+    record = {"result": value, "history": tracker.history, "params": tracker.params}
+    stage_cache.store(models_root, key, [result.weights], record)
     return result
 
 
 class RecordingTracker:
-    """Passes metrics on and keeps them, so a cached result can replay its curves into a new run."""
+    """Passes metrics and params on and keeps them, so a cached result can replay them into a new run."""
 
     def __init__(self, inner: trainer.Tracker):
-        self.inner, self.history = inner, []
+        self.inner, self.history, self.params = inner, [], {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.history.append([step, {k: float(v) for k, v in metrics.items()}])
         self.inner.log_metrics(metrics, step)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self.params.update(params)
+        self.inner.log_params(params)
 
 
 def reuse_training(models_root: Path, key: str, tracker: RecordingTracker) -> trainer.TrainResult | None:
@@ -138,6 +143,8 @@ def reuse_training(models_root: Path, key: str, tracker: RecordingTracker) -> tr
     step(f"training cached: {fields['weights']} (verified, key {key[:12]})")
     for step_no, metrics in value["history"]:
         tracker.log_metrics(metrics, step=step_no)
+    if value.get("params"):  # a budgeted run's resolved shapes
+        tracker.log_params(value["params"])
     return trainer.TrainResult(**fields)
 
 

@@ -30,11 +30,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from model import GPTConfig
 from tasks.core.atomic import atomic_path
 from tasks.modeling import checkpoint, parallel
 from tasks.modeling.checkpoint import WarmStart
-from tasks.modeling.task_data import manifest_task, open_task_data
+from tasks.modeling.task_data import gpt_config_for, manifest_task, open_task_data
 from tokenmill.errors import TokenmillError
 
 CHECKPOINTS = "checkpoints"
@@ -44,11 +43,16 @@ WEIGHTS = "model.pt"
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_params(self, params: dict[str, str]) -> None: ...
+
 
 class NullTracker:
     run_id = None  # no tracking run
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict[str, str]) -> None:
         pass
 
 
@@ -104,10 +108,23 @@ class BatchSampler:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
+def lr_factor(
+    step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine", decay_fraction: float = 0.4
+) -> float:
+    """The LR multiplier at `step` (0-based) of `total`: linear warmup to 1, then
+
+    cosine: cosine decay to `min_ratio` at `total` steps;
+    wsd (warmup-stable-decay): 1 until the last `decay_fraction` of the steps, then linear
+    down towards `min_ratio`. Holding the peak LR for longer and annealing at the end beats
+    cosine at equal steps (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"; nanochat and modded-nanogpt train this way).
+    """
     if step < warmup:
         return (step + 1) / (warmup + 1)
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_fraction * total))
+        progress = max(0.0, (step - (total - decay_steps)) / decay_steps)
+        return 1 - (1 - min_ratio) * min(1.0, progress)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -215,14 +232,7 @@ def train(
             f"({t.batch_size} x {ranks.world}); lower train.batch_size"
         )
     sampler = BatchSampler(len(data), t.batch_size, t.seed, ranks.rank, ranks.world)
-    gpt_config = GPTConfig(
-        vocab_size=manifest["tokenizer"]["vocab_size"],
-        block_size=data.block_size,
-        n_layer=cfg.model.n_layer,
-        n_head=cfg.model.n_head,
-        n_embd=cfg.model.n_embd,
-        dropout=cfg.model.dropout,
-    )
+    gpt_config = gpt_config_for(cfg, manifest["tokenizer"]["vocab_size"], data.block_size)
     accum = accumulation_steps(t, gpt_config.block_size, ranks.world)
     tokens_per_step = t.batch_size * gpt_config.block_size * accum * ranks.world
 
@@ -265,9 +275,18 @@ def train(
     model.to(device)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device, t.peak_flops)
     net = parallel.parallelize(model, device=device, ranks=ranks, mode=t.parallel, compile=t.compile)
-    optimizer = model.configure_optimizer(t.weight_decay, t.lr, (t.beta1, t.beta2), device.type)
+    optimizer = model.configure_optimizer(
+        t.weight_decay,
+        t.lr,
+        (t.beta1, t.beta2),
+        device.type,
+        optimizer=t.optimizer,
+        muon_lr=t.muon_lr,
+        muon_momentum=t.muon_momentum,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        optimizer,
+        lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction),
     )
     start_step, loss_value, resumed_from = 0, float("nan"), None
     if payload is not None:

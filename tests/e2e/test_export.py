@@ -1,7 +1,9 @@
 """`tokenmill export --format hf`: stock transformers loads the checkpoint and computes what tokenmill does.
 
-A tiny GPT with random weights (norm gains too, and a non-default rotary base) and a real
-SentencePiece model trained here on Python source; transformers is a dev dependency.
+A tiny GPT of the default recipe's network (QK-norm, ReLU squared: an ApertusForCausalLM) with
+random weights (norm gains too, and a non-default rotary base) and a real SentencePiece model
+trained here on Python source; transformers is a dev dependency. Each architecture the export
+writes is checked on its own in tests/registry/test_export_architectures.py.
 """
 
 import json
@@ -17,6 +19,7 @@ from tasks.core.tokenizer import load_tokenizer as load
 from tasks.modeling.checkpoint import weights_sha256
 from tasks.preprocess.tokenizer import chunk_lines, train_sentencepiece
 from tasks.registry.export import write_hf, write_tokenizer
+from tokenmill.config import ModelConfig
 from tokenmill.errors import TokenmillError
 
 transformers = pytest.importorskip("transformers")
@@ -29,6 +32,8 @@ TRICKY = (
     "def f(x):\n\tif x  >  10:   return 'naïve cafe\u0301 ℌ'\r\n\n\n        # 1234567890 3.14\n"
     "😀 中文字符 \t\t  </s> <unk> <0x41>  "
 )
+# The network the default recipe trains.
+ARCH = ModelConfig().model_dump(include={"mlp", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap"})
 FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
@@ -47,15 +52,23 @@ def sp_model() -> bytes:
     return train_sentencepiece(sentences(), vocab_size=600, num_threads=1)
 
 
-def random_gpt(vocab_size: int, seed: int = 0) -> GPT:
+def random_gpt(vocab_size: int, seed: int = 0, **arch) -> GPT:
     torch.manual_seed(seed)
     config = GPTConfig(
-        vocab_size=vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=64, rope_base=5000.0, norm_eps=1e-6
+        vocab_size=vocab_size,
+        block_size=128,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        rope_base=5000.0,
+        norm_eps=1e-6,
+        **(ARCH | arch),
     )
     gpt = GPT(config).eval()
     with torch.no_grad():
         for name, p in gpt.named_parameters():
-            p.normal_(1.0, 0.2) if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else p.normal_(0.0, 0.1)
+            gain = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_norm.weight", "k_norm.weight"))
+            p.normal_(1.0, 0.2) if gain else p.normal_(0.0, 0.1)
     return gpt
 
 
@@ -76,7 +89,7 @@ def test_the_exported_lm_computes_tokenmills_logits(sp_model, exported):
     assert {p.name for p in out.iterdir()} == FILES
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert (
-        type(hf).__name__ == "ArceeForCausalLM"
+        type(hf).__name__ == "ApertusForCausalLM"
         and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     )
     ids = held_out_ids(load(sp_model), 2 * gpt.config.block_size)
@@ -128,7 +141,7 @@ def test_a_tokenizer_without_an_exact_conversion_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def registry(sp_model, tmp_path_factory):
     """lm v1 (champion, sound), lm v2 (same model, wrong weights tag), lm v3 (config records
-    another tokenizer sha256), clf v1 (a classifier)."""
+    another tokenizer sha256), clf v1 (a classifier), capped v1 (soft-capped logits)."""
     from mlflow import MlflowClient
 
     from tasks.core.atomic import sha256_file
@@ -157,10 +170,10 @@ def registry(sp_model, tmp_path_factory):
         classifier = GPTClassifier(gpt.config, 2, "mean")
         sha = sha256_file(tokenizer)
 
-        def register(name, module, tags, head=None, tokenizer_sha=sha):
+        def register(name, module, tags, head=None, tokenizer_sha=sha, gpt_config=None):
             weights = root / f"{name}-{len(list(root.glob('*.pt')))}.pt"
             torch.save(module.state_dict(), weights)
-            local = LocalModel(weights, tokenizer, vars(gpt.config), tokenizer_sha, head)
+            local = LocalModel(weights, tokenizer, gpt_config or vars(gpt.config), tokenizer_sha, head)
             run_id = client.create_run(experiment).info.run_id
             logged = log_model(run_id, local, manifest, "test")
             if not client.search_registered_models(f"name='{name}'"):
@@ -180,6 +193,8 @@ def registry(sp_model, tmp_path_factory):
         )
         register("lm", gpt, {}, tokenizer_sha="1" * 64)
         register("clf", classifier, {}, head={"labels": ["a", "b"], "pooling": "mean"})
+        capped = random_gpt(gpt.config.vocab_size, logit_softcap=15.0)
+        register("capped", capped, {}, gpt_config=vars(capped.config))
         yield gpt, root
 
 
@@ -212,6 +227,7 @@ def test_export_command_writes_a_checkpoint_of_a_registered_model(registry, tmp_
         ("models:/lm/2", "hf", "not 000000000000 as the version tag weights_sha256 records"),
         ("models:/lm/3", "hf", "not 111111111111 as its config.json records"),
         ("models:/clf/1", "hf", "is a classifier (mean pooling, linear head with a bias)"),
+        ("models:/capped/1", "hf", "soft-caps its logits (logit_softcap=15.0) and no stock transformers architecture"),
         ("runs:/abc/model", "hf", "use models:/NAME@ALIAS or models:/NAME/VERSION"),
     ],
 )

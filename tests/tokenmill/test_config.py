@@ -2,7 +2,16 @@
 
 import pytest
 
-from tokenmill.config import RunConfig, load_presets, parse_assignments, preset_names, resolve_config
+from tokenmill.config import (
+    RunConfig,
+    deep_merge,
+    load_presets,
+    load_recipes,
+    parse_assignments,
+    parse_duration,
+    preset_names,
+    resolve_config,
+)
 from tokenmill.errors import TokenmillError
 
 
@@ -47,6 +56,48 @@ def test_resolving_does_not_leak_between_calls():
     cfg = resolve_config("tiny")
     assert cfg.data.context_len == 64
     assert cfg.train.max_steps == 300
+
+
+def test_the_default_recipe_is_modern_and_gpt2_restores_the_first_one():
+    modern = resolve_config("default")
+    assert (modern.recipe, modern.train.optimizer, modern.train.schedule, modern.model.mlp) == (
+        "modern",
+        "muon",
+        "wsd",
+        "relu2",
+    )
+    assert modern.model.qk_norm and not modern.model.zero_init_proj
+    gpt2 = resolve_config("default", None, {"recipe": "gpt2"})
+    assert (gpt2.train.optimizer, gpt2.train.schedule, gpt2.train.min_lr_ratio) == ("adamw", "cosine", 0.1)
+    assert (gpt2.model.mlp, gpt2.model.qk_norm, gpt2.model.zero_init_proj) == ("gelu", False, False)
+    # The default preset's AdamW rate differs per recipe (its `gpt2:` block); the tiny preset's does not.
+    assert (modern.train.lr, gpt2.train.lr) == (1e-2, 3e-3)
+    assert resolve_config("tiny").train.lr == resolve_config("tiny", None, {"recipe": "gpt2"}).train.lr == 1e-2
+    assert resolve_config("default", None, {"recipe": "gpt2", "train": {"lr": 1e-3}}).train.lr == 1e-3
+
+
+def test_a_recipe_named_by_the_catalog_is_overridden_field_by_field():
+    cfg = resolve_config("tiny", {"recipe": "gpt2"}, {"model": {"mlp": "relu2"}})
+    assert cfg.recipe == "gpt2" and cfg.train.optimizer == "adamw" and cfg.model.mlp == "relu2"
+    assert resolve_config("tiny", {"recipe": "gpt2"}, {"recipe": "modern"}).train.optimizer == "muon"
+
+
+def test_unknown_recipe_names_the_known_ones():
+    with pytest.raises(TokenmillError, match="unknown recipe 'nanogpt': choose one of modern, gpt2"):
+        resolve_config("tiny", None, {"recipe": "nanogpt"})
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400), ("2.5m", 150), (" 3m ", 180)]
+)
+def test_durations_parse_to_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "-5m", "m"])
+def test_a_bad_duration_is_a_clear_error(text):
+    with pytest.raises(TokenmillError, match="bad budget"):
+        parse_duration(text)
 
 
 def test_unknown_preset_names_the_known_ones():
@@ -150,13 +201,16 @@ def _leaves(tree, prefix=()):
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_bundled_preset_validates_and_takes_effect(name):
-    cfg = resolve_config(name)
-    assert cfg.preset == name
-    for path, value in _leaves(load_presets()[name] or {}):
-        node = cfg
-        for part in path:
-            node = getattr(node, part)
-        assert node == value, ".".join(path)
+    layer = load_presets()[name] or {}
+    for recipe in ("modern", *load_recipes()):  # the preset's own values, then those it keeps for a recipe
+        cfg = resolve_config(name, None, {"recipe": recipe})
+        assert cfg.preset == name
+        values = deep_merge({k: v for k, v in layer.items() if k not in load_recipes()}, layer.get(recipe) or {})
+        for path, value in _leaves(values):
+            node = cfg
+            for part in path:
+                node = getattr(node, part)
+            assert node == value, ".".join(path)
 
 
 def test_bundled_presets_include_the_documented_ones():

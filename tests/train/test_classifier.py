@@ -24,7 +24,7 @@ from tasks.modeling.metrics import classification_metrics, confusion_matrix, met
 from tasks.modeling.pyfunc_io import load_network
 from tasks.modeling.task_data import class_weights
 from tasks.train import trainer
-from tokenmill.config import EvalConfig, resolve_config
+from tokenmill.config import EvalConfig, ModelConfig, resolve_config
 from tokenmill.errors import TokenmillError
 
 from train_helpers import VOCAB, Recorder, one_thread, write_corpus  # noqa: F401 (one_thread: autouse)
@@ -115,6 +115,10 @@ def local_model(result, manifest_path) -> LocalModel:
         manifest["tokenizer"]["sha256"],
         result.head,
     )
+
+
+# The architecture the default recipe trains (GPTConfig's own defaults are the gpt2 recipe's).
+ARCH = ModelConfig().model_dump(include={"mlp", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap"})
 
 
 def tiny_classifier(pooling="mean", n_classes=3, **config):
@@ -348,20 +352,22 @@ def language_model(tmp_path_factory):
 def test_warm_start_from_a_language_model_loads_the_backbone(corpus, language_model):
     source = warm_start_source(language_model.weights)
     sha = source.tokenizer_sha256
-    model = tiny_classifier(n_classes=4, block_size=MAX_LEN)  # another context length than the LM's 16
+    model = tiny_classifier(n_classes=4, block_size=MAX_LEN, **ARCH)  # another context length than the LM's 16
     said = warm_start(model, source, sha, {"labels": LABELS, "pooling": "mean"})
     assert "backbone from the language model" in said and "new head" in said
     assert weights_sha256(model.backbone.state_dict()) == language_model.weights_sha256
     assert torch.count_nonzero(model.head.bias) == 0  # fresh
 
-    wider = tiny_classifier(n_classes=4, n_embd=64)
+    wider = tiny_classifier(n_classes=4, n_embd=64, **ARCH)
     with pytest.raises(TokenmillError, match=r"n_embd 32 \(source\) vs 64"):
         warm_start(wider, source, sha)
 
 
 def test_training_warm_starts_a_classifier_and_says_what_it_loaded(corpus, language_model, tmp_path, capfd):
     source = warm_start_source(language_model.weights)
-    result = trainer.train(corpus, classify_config(max_steps=1, lr=1e-9, warmup_steps=0), tmp_path, warm=source)
+    result = trainer.train(
+        corpus, classify_config(max_steps=1, lr=1e-9, muon_lr=1e-9, warmup_steps=0), tmp_path, warm=source
+    )
     assert "backbone from the language model" in capfd.readouterr().err
     state = torch.load(result.weights, weights_only=True)
     lm = torch.load(language_model.weights, weights_only=True)
@@ -385,12 +391,12 @@ def test_warm_start_from_a_classifier_keeps_the_head_only_for_the_same_labels(co
     result = trained[0]
     source = warm_start_source(result.weights)  # head read from model.json
     assert source.head == result.head
-    same = tiny_classifier(n_classes=4, block_size=MAX_LEN)
+    same = tiny_classifier(n_classes=4, block_size=MAX_LEN, **ARCH)
     assert "backbone and head" in warm_start(same, source, source.tokenizer_sha256, result.head)
     assert weights_sha256(same.state_dict()) == result.weights_sha256
 
     relabelled = {"labels": ["x", "y", "z", "w"], "pooling": "mean"}
-    fresh = tiny_classifier(n_classes=4, block_size=MAX_LEN)
+    fresh = tiny_classifier(n_classes=4, block_size=MAX_LEN, **ARCH)
     said = warm_start(fresh, source, source.tokenizer_sha256, relabelled)
     assert "backbone only" in said and "head starts fresh" in said
     assert torch.count_nonzero(fresh.head.bias) == 0

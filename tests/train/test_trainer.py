@@ -33,6 +33,18 @@ def test_lr_warms_up_then_decays_to_floor():
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+    factors = [lr_factor(s, 10, 100, 0.0, "wsd", decay_fraction=0.4) for s in range(100)]
+    assert factors[0] < factors[9] < 1.0
+    assert factors[10:60] == [1.0] * 50  # stable until the last 40 steps
+    decay = factors[60:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert decay[1] - decay[2] == pytest.approx(decay[-2] - decay[-1])  # linear
+    assert decay[-1] == pytest.approx(1 / 40)  # one step short of the floor at the last step
+    assert lr_factor(60, 10, 100, 0.2, "wsd", 0.4) == pytest.approx(1.0)
+    assert lr_factor(99, 10, 100, 0.2, "wsd", 0.4) == pytest.approx(0.2 + 0.8 / 40)
+
+
 def test_sampler_is_deterministic_and_covers_an_epoch_without_repeats():
     a, b = BatchSampler(100, 10, seed=7), BatchSampler(100, 10, seed=7)
     epoch = np.concatenate([a.next() for _ in range(10)])

@@ -18,6 +18,9 @@ def run(
     corpus: str = typer.Argument("python-stdlib", help="A catalog name, or a file, directory or glob."),
     preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
     max_steps: int | None = typer.Option(None, min=1, help="Override train.max_steps."),
+    budget: str | None = typer.Option(
+        None, "--budget", help="Train for this long (90s, 10m, 1h): shapes, lr and steps fit the hardware."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
     catalog: Path | None = typer.Option(None, help="Corpus catalog YAML (default: the bundled one)."),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object of the result."),
@@ -33,6 +36,10 @@ def run(
         runtime.configure_env()
         from tasks.run.plan import plan_run
 
+        if budget is not None:
+            from tokenmill.config import parse_duration
+
+            set_ = [*set_, f"train.budget_s={parse_duration(budget)}"]
         task_name = task.value if task else None
         require_labels(
             plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name)

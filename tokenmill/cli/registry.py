@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -66,7 +67,8 @@ def export(
         if fmt != "hf":
             raise TokenmillError(f"unknown --format '{fmt}': the only format is hf (a Hugging Face checkpoint)")
         runtime.configure_env()
-        from tasks.registry.export import ARCHITECTURE, export_hf
+        from tasks.registry.export import export_hf
 
         path = export_hf(model_uri, out_dir)
-        typer.echo(f"wrote {path} ({ARCHITECTURE}; load it with AutoModelForCausalLM.from_pretrained)")
+        arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+        typer.echo(f"wrote {path} ({arch}; load it with AutoModelForCausalLM.from_pretrained)")

@@ -35,6 +35,9 @@ def train(
     shards: Path = typer.Option(..., "--shards", help="The manifest.json of a shards directory."),
     preset: str = typer.Option("default", help="Named preset: tiny, default, small, medium."),
     max_steps: int | None = typer.Option(None, min=1, help="Override train.max_steps."),
+    budget: str | None = typer.Option(
+        None, "--budget", help="Train for this long (90s, 10m, 1h): shapes, lr and steps fit the hardware."
+    ),
     set_: list[str] = typer.Option([], "--set", help="Override any field: SECTION.FIELD=VALUE (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint in --out."),
     checkpoint_every: int | None = typer.Option(None, min=0, help="Steps between checkpoints (0: only at the end)."),
@@ -58,7 +61,7 @@ def train(
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # only one set on purpose; configure_env fills in a default
     with user_errors():
         from tokenmill import runtime
-        from tokenmill.config import deep_merge, parse_assignments, resolve_config
+        from tokenmill.config import deep_merge, parse_assignments, parse_duration, resolve_config
 
         runtime.configure_env()
         manifest = read_manifest(shards)
@@ -68,10 +71,16 @@ def train(
             "device": device,
             "compile": compile or None,
             "nproc_per_node": nproc_per_node,
+            "budget_s": parse_duration(budget) if budget is not None else None,
         }
         overrides = deep_merge(parse_assignments(set_), {"train": {k: v for k, v in flags.items() if v is not None}})
         overrides["task"] = shards_task(task, manifest, shards)
         cfg = resolve_config(preset, None, overrides)
+        if cfg.train.budget_s and nnodes > 1:
+            raise TokenmillError(
+                "train.budget_s plans on one machine, and each of --nnodes would plan its own shapes; "
+                "set the shapes and train.max_steps for a multi-node run"
+            )
         out_dir = out or default_out(shards, preset)
         warm, earlier = preflight(shards, manifest, out_dir, resume, init_from, init_tokenizer_sha256)
         with tracking(tracking_uri, cfg, shards, manifest, out_dir, rank0_here=nnodes == 1) as tracker:

@@ -14,6 +14,8 @@ already does, interpolated linearly in log(time) between the two budgets around 
     .venv/bin/python benchmarks/time_to_quality.py --out ttq.json                   # 2, 5, 10 min
     .venv/bin/python benchmarks/time_to_quality.py --corpora python-stdlib \\
         --budgets 0.5 1 --out quick.json                                            # a smoke run
+    .venv/bin/python benchmarks/time_to_quality.py --corpora CORPUS --budgets 2 \\
+        --gpt2-extra 10 --extra 3.5 --out other.json      # only what the 3x goal needs: gpt2 at 10
 
 Every training process gets the machine's cores to itself: nothing else should run meanwhile.
 """
@@ -90,7 +92,9 @@ def train_once(manifest: Path, recipe: str, minutes: float, preset: str, root: P
         "budget_s": minutes * 60,
         "train_wall_s": round(wall, 1),
         "train_seconds": round(result["seconds"], 1),
-        "within_10pct": abs(result["seconds"] - minutes * 60) <= 0.1 * minutes * 60,
+        # The whole `tokenmill train` process (start-up, probe, training, final save): an upper bound
+        # on the training stage's time.
+        "within_10pct": abs(wall - minutes * 60) <= 0.1 * minutes * 60,
         "shape": f"{gpt['n_layer']}x{gpt['n_embd']}",
         "steps": result["steps"],
         "tokens": result["tokens"],
@@ -115,8 +119,9 @@ def time_to_reach(target: float, points: list[tuple[float, float]]) -> float | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", nargs="+", default=["python-stdlib", VIM_DOCS])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[2, 5, 10], help="minutes")
+    parser.add_argument("--budgets", nargs="*", type=float, default=[2, 5, 10], help="minutes, both recipes")
     parser.add_argument("--extra", nargs="*", type=float, default=[3.5], help="minutes, modern recipe only")
+    parser.add_argument("--gpt2-extra", nargs="*", type=float, default=[], help="minutes, gpt2 recipe only")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--eval-rows", type=int, default=2048)
     parser.add_argument("--out", type=Path, required=True)
@@ -134,11 +139,12 @@ def main() -> None:
     for corpus in args.corpora:
         manifest = Path(tokenmill("preprocess", corpus, env=env).strip().splitlines()[-1])
         runs = []
-        plan = [(m, r) for m in args.budgets for r in ("gpt2", "modern")] + [(m, "modern") for m in args.extra]
+        plan = [(m, r) for m in args.budgets for r in ("gpt2", "modern")]
+        plan += [(m, "gpt2") for m in args.gpt2_extra] + [(m, "modern") for m in args.extra]
         for minutes, recipe in plan:
             runs.append(train_once(manifest, recipe, minutes, args.preset, root, env, args.eval_rows))
             print(json.dumps({"corpus": corpus, **runs[-1]}), flush=True)
-            report["corpora"][corpus] = summarise(runs, max(args.budgets) * 60)
+            report["corpora"][corpus] = summarise(runs, max(args.budgets + args.gpt2_extra, default=0) * 60)
             args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({c: {k: v for k, v in s.items() if k != "runs"} for c, s in report["corpora"].items()}, indent=2))
 

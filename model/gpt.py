@@ -411,7 +411,7 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizer(
-        self, weight_decay, lr, betas, device_type, *, optimizer="adamw", muon_lr=0.02, muon_momentum=0.95
+        self, weight_decay, lr, betas, device_type, *, optimizer="adamw", muon_lr=0.01, muon_momentum=0.95
     ) -> torch.optim.Optimizer:
         """The optimizer of `optimizer`: "adamw" or "muon".
 

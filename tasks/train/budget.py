@@ -38,6 +38,7 @@ import torch
 from model import GPTConfig
 from tasks.modeling import parallel
 from tasks.modeling.task_data import gpt_config_for, open_task_data
+from tasks.train.trainer import make_optimizer
 from tokenmill.errors import TokenmillError
 
 HEAD_DIM = 32  # n_embd = HEAD_DIM * n_layer, one head per layer of depth
@@ -67,15 +68,7 @@ def probe(data, cfg, gpt_config: GPTConfig, device: torch.device) -> float:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = data.build(gpt_config).to(device)
-    optimizer = model.configure_optimizer(
-        t.weight_decay,
-        t.lr,
-        (t.beta1, t.beta2),
-        device.type,
-        optimizer=t.optimizer,
-        muon_lr=t.muon_lr,
-        muon_momentum=t.muon_momentum,
-    )
+    optimizer = make_optimizer(model, t, device)
     accum = max(1, t.grad_accum if t.tokens_per_step is None else t.tokens_per_step // (t.batch_size * data.block_size))
     generator = torch.Generator().manual_seed(t.seed)
 
@@ -224,9 +217,9 @@ def budgeted(manifest_path, manifest: dict, cfg, out_dir, resuming: bool, tracke
     plan = plan_budget(manifest_path, manifest, cfg, started, keep_shape)
     m, t = plan.cfg.model, plan.cfg.train
     step(
-        f"budget: {m.n_layer} layers x {m.n_embd} wide ({plan.params['budget.params']} parameters), "
-        f"{t.max_steps} steps of {plan.params['budget.tokens_per_step']} tokens at "
-        f"{plan.params['budget.tokens_per_s']} tok/s, lr {t.lr:.3g}"
+        f"budget: {m.n_layer} layers x {m.n_embd} wide ({int(plan.params['budget.params']):,} parameters), "
+        f"{t.max_steps} steps of {int(plan.params['budget.tokens_per_step']):,} tokens at "
+        f"{int(plan.params['budget.tokens_per_s']):,} tok/s, lr {t.lr:.3g}"
     )
     tracker.log_params(plan.params)
     return plan.cfg

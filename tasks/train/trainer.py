@@ -170,6 +170,19 @@ def autocast_for(device: torch.device, precision: str):
     return None
 
 
+def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer that `t` (a TrainConfig) asks for: Muon with AdamW, or AdamW alone."""
+    return model.configure_optimizer(
+        t.weight_decay,
+        t.lr,
+        (t.beta1, t.beta2),
+        device.type,
+        optimizer=t.optimizer,
+        muon_lr=t.muon_lr,
+        muon_momentum=t.muon_momentum,
+    )
+
+
 def accumulation_steps(t, block_size: int, world: int) -> int:
     """Micro-steps per optimizer step: train.grad_accum, or derived from train.tokens_per_step."""
     if t.tokens_per_step is None:
@@ -275,15 +288,7 @@ def train(
     model.to(device)
     flops_per_token, peak = model.flops_per_token(), peak_flops(device, t.peak_flops)
     net = parallel.parallelize(model, device=device, ranks=ranks, mode=t.parallel, compile=t.compile)
-    optimizer = model.configure_optimizer(
-        t.weight_decay,
-        t.lr,
-        (t.beta1, t.beta2),
-        device.type,
-        optimizer=t.optimizer,
-        muon_lr=t.muon_lr,
-        muon_momentum=t.muon_momentum,
-    )
+    optimizer = make_optimizer(model, t, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction),

@@ -91,3 +91,30 @@ def test_a_budgeted_training_ends_within_its_budget(corpus, tmp_path):
     assert result.steps >= 10
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["config"]["train"]["max_steps"] == result.steps  # the resolved plan is what ran
+
+
+def test_a_resumed_run_keeps_the_plan_of_its_first_attempt(corpus, monkeypatch, tmp_path):
+    fake_speed(monkeypatch, 1e-11)
+    cfg = budget_config(600)
+    manifest = json.loads(corpus.read_text())
+    first = budget.plan_budget(corpus, manifest, cfg).cfg
+    (tmp_path / "run.json").write_text(json.dumps({"config": first.model_dump()}))
+
+    def no_probe(*args):
+        raise AssertionError("a resumed run must not probe again")
+
+    monkeypatch.setattr(budget, "probe", no_probe)
+    assert budget.budgeted(corpus, manifest, cfg, tmp_path, True, NullTracker()) == first
+
+
+def test_the_plan_goes_to_the_tracker_as_params(corpus, monkeypatch, tmp_path):
+    fake_speed(monkeypatch, 1e-11)
+    logged = {}
+
+    class Params(NullTracker):
+        def log_params(self, params):
+            logged.update(params)
+
+    cfg = budget.budgeted(corpus, json.loads(corpus.read_text()), budget_config(600), tmp_path, False, Params())
+    assert logged["budget.n_layer"] == str(cfg.model.n_layer)
+    assert logged["budget.max_steps"] == str(cfg.train.max_steps)

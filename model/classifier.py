@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model.gpt import GPT, GPTConfig, configure_optimizer
+from model.gpt import GPT, GPTConfig
+from model.optim import build_optimizer
 
 POOLINGS = ("mean", "last")
 
@@ -106,6 +107,4 @@ class GPTClassifier(nn.Module):
     ) -> torch.optim.Optimizer:
         """GPT.configure_optimizer over the backbone and the head; the head stays on AdamW."""
         blocks = self.backbone.transformer.h
-        return configure_optimizer(
-            self, blocks, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum
-        )
+        return build_optimizer(self, blocks, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model.optim import Muon
+from model.optim import build_optimizer
 
 
 @dataclass
@@ -419,31 +419,6 @@ class GPT(nn.Module):
         muon: Muon at `muon_lr` for the blocks' matrices (q, k and v orthogonalised apart),
         AdamW at `lr` for the embedding, the head and the gains, as above.
         """
-        return configure_optimizer(
+        return build_optimizer(
             self, self.transformer.h, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum
         )
-
-
-def configure_optimizer(model, blocks, weight_decay, lr, betas, device_type, optimizer, muon_lr, muon_momentum):
-    """GPT.configure_optimizer for any module whose hidden matrices are those of `blocks`."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2] if optimizer == "muon" else []
-    taken = {id(p) for p in hidden}
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in taken]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if optimizer == "adamw":
-        # The fused kernel is CUDA-only and does one launch per step instead of many.
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
-    if optimizer != "muon":
-        raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
-    qkv = {id(b.attn.c_attn.weight) for b in blocks}
-    for split in (3, 1):
-        mats = [p for p in hidden if (id(p) in qkv) == (split == 3)]
-        groups.append({"params": mats, "muon": True, "split": split, "lr": muon_lr, "momentum": muon_momentum})
-    # Newton-Schulz in bfloat16 on CUDA (tensor cores), float32 elsewhere (bfloat16 is slow on CPU).
-    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    return Muon(groups, lr=lr, betas=betas, ns_dtype=dtype)

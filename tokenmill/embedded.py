@@ -49,6 +49,7 @@ def start_embedded_services() -> Callable[[], None]:
     embedded = svc.prefect_api_url is None
     if ready.exists():
         return _start_api(home) if embedded else _nothing
+    home.mkdir(parents=True, exist_ok=True)  # a PREFECT_HOME that names a new directory
     with exclusive(home, "starting the embedded Prefect API"):
         if embedded:
             _start_api(home)()

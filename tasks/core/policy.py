@@ -1,20 +1,27 @@
 """Retry policy shared by the stages: retry what may pass on its own, fail fast on the rest.
 
-A user error (bad config or data, `TokenmillError`), a non-finite loss or running out of
-memory fails the same way every time, so retrying only delays the message.
+A user error (bad config or data, `TokenmillError`), a server refusing our credentials, a
+non-finite loss or running out of memory fails the same way every time, so retrying only
+delays the message.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
+from tokenmill.credentials import refused_status
 from tokenmill.errors import TokenmillError
+
+# A final state's text naming an error the CLI reports in one line: a user error, or a refusal
+# by MLflow ("failed with error code 403") or Prefect ("'401 Unauthorized'").
+REPORTED_IN_ONE_LINE = re.compile(r"TokenmillError|failed with error code 40[13]|'40[13] [A-Z]")
 
 DETERMINISTIC = (TokenmillError, FloatingPointError, MemoryError, ValueError, TypeError, KeyError)
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, DETERMINISTIC):
+    if isinstance(exc, DETERMINISTIC) or refused_status(exc):
         return False
     return "out of memory" not in str(exc).lower()
 
@@ -42,8 +49,10 @@ class HideUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TokenmillError) or (exc is not None and refused_status(exc)):
+            return False
         # Prefect also logs the final state as text ("Finished in state Failed(... TokenmillError: ...)").
-        return not isinstance(exc, TokenmillError) and "TokenmillError" not in record.getMessage()
+        return not REPORTED_IN_ONE_LINE.search(record.getMessage())
 
 
 def hide_user_error_tracebacks() -> None:

@@ -47,6 +47,7 @@ import torch
 
 from model import GPTConfig
 from tasks.core.atomic import UMASK, sha256_file, write_json
+from tokenmill.credentials import raise_refusal
 from tokenmill.errors import TokenmillError
 
 if TYPE_CHECKING:
@@ -365,7 +366,8 @@ def training_normalization(model_uri: str, run_id: str | None, dst: Path) -> str
     try:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="data/manifest.json", dst_path=str(dst))
         manifest = json.loads(Path(path).read_text())
-    except (MlflowException, OSError, ValueError, TypeError):
+    except (MlflowException, OSError, ValueError, TypeError) as exc:
+        raise_refusal(exc)
         raise TokenmillError(
             f"cannot tell how the training text of {model_uri} was normalized: its run {run_id} "
             f"has no readable data/manifest.json"

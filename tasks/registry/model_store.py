@@ -34,6 +34,7 @@ from pathlib import Path
 from tasks.core.atomic import sha256_file
 from tasks.modeling import pyfunc_io
 from tasks.modeling.local_model import LocalModel, file_weights_sha256, logged_head, training_normalization
+from tokenmill.credentials import raise_refusal
 from tokenmill.errors import TokenmillError
 
 PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
@@ -169,6 +170,7 @@ def download_model(model_uri: str, dst: Path | None = None) -> LocalModel:
     try:
         root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
     except MlflowException as exc:
+        raise_refusal(exc)
         raise TokenmillError(
             f"cannot load {model_uri}: {exc.message.splitlines()[0]}; check `tokenmill models`"
         ) from None

@@ -29,6 +29,7 @@ from tasks.registry.model_store import log_model
 from tasks.registry.promotion import Candidate, Decision, IncomparableModels, decide
 from tokenmill.config import ModelConfig
 from tokenmill.console import step
+from tokenmill.credentials import raise_refusal, redact, require_model_permission
 from tokenmill.errors import TokenmillError
 from tokenmill.locks import exclusive, in_use
 
@@ -115,7 +116,8 @@ def alias_version(client, name: str, alias: str) -> str | None:
 
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as exc:
+        raise_refusal(exc)
         return None
 
 
@@ -215,11 +217,17 @@ def promote(name: str, version: str, min_improvement: float, force: bool = False
     """Make `version` champion if it passes the gate against the current one (or `force`)."""
     client = _client()
     _require_version(client, name, version)
+    # Overriding the gate is for an owner of the model (MANAGE), and goes on the record.
+    who = require_model_permission(
+        name, *(("MANAGE", "force a promotion in") if force else ("EDIT", "promote versions of"))
+    )
     current = alias_version(client, name, CHAMPION)
     if current == version:
         raise TokenmillError(f"{name} v{version} is already champion")
     if force:
-        decision = Decision(True, f"forced by a person over champion v{current}" if current else "forced by a person")
+        over = f" over champion v{current}" if current else ""
+        decision = Decision(True, f"forced by {who}{over}")
+        client.set_model_version_tag(name, version, "promotion.forced_by", who)
     else:
         champion = candidate(client, name, current) if current else None
         try:
@@ -240,6 +248,7 @@ def rollback(name: str) -> tuple[str, str]:
     current, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
     if previous is None or current is None:
         raise TokenmillError(f"{name} has no previous-champion to roll back to")
+    require_model_permission(name, "EDIT", "roll back")
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.delete_registered_model_alias(name, PREVIOUS)
     _record(client, name, current, Decision(False, f"rolled back to v{previous}"), "rolled-back")
@@ -251,7 +260,8 @@ def _require_version(client, name: str, version: str) -> None:
 
     try:
         client.get_model_version(name, version)
-    except MlflowException:
+    except MlflowException as exc:
+        raise_refusal(exc)
         raise TokenmillError(f"{name} has no version {version}; see `tokenmill models`") from None
 
 
@@ -266,8 +276,9 @@ def registered_versions() -> list[dict]:
     try:
         return all_versions()
     except Exception as exc:
+        raise_refusal(exc)
         raise TokenmillError(
-            f"cannot read the model registry at {uri} ({type(exc).__name__}); gc removed nothing"
+            f"cannot read the model registry at {redact(uri)} ({type(exc).__name__}); gc removed nothing"
         ) from None
 
 
@@ -311,7 +322,8 @@ def list_versions(name: str) -> tuple[list[str], list[tuple[str, ...]]]:
     client = _client()
     try:
         registered = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        raise_refusal(exc)
         raise TokenmillError(f"no registered model '{name}' yet; run `tokenmill run` first") from None
     by_version: dict[str, list[str]] = {}
     for alias, version in registered.aliases.items():
@@ -355,7 +367,8 @@ def registered_version(model_uri: str):
             name, alias = name.split("@", 1)
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, ref)
-    except (MlflowException, ValueError):
+    except (MlflowException, ValueError) as exc:
+        raise_refusal(exc)
         raise TokenmillError(f"cannot resolve {model_uri}; use models:/NAME@ALIAS or models:/NAME/VERSION") from None
 
 

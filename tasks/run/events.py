@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import uuid
 
+from tokenmill.credentials import prefect_headers, redact, refusal
 from tokenmill.errors import TokenmillError
 
 CORPUS_UPDATED = "tokenmill.corpus.updated"
@@ -26,18 +27,27 @@ def corpus_updated(corpus: str, note: str = "") -> dict:
     }
 
 
-def emit(api_url: str | None, event: dict, api_key: str | None = None, timeout: float = 15.0) -> None:
-    """POST one event to a Prefect server; a user error when there is none or it refuses."""
+def emit(api_url: str | None, event: dict, timeout: float = 15.0) -> None:
+    """POST one event to a Prefect server with the credentials Prefect's client would send
+    (PREFECT_API_AUTH_STRING, or PREFECT_API_KEY for Prefect Cloud); a user error when there is
+    no server or it refuses."""
     import httpx
 
     if not api_url:
         raise TokenmillError("no Prefect server to notify: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = f"{api_url.rstrip('/')}/events"
     try:
-        response = httpx.post(f"{api_url.rstrip('/')}/events", json=[event], headers=headers, timeout=timeout)
+        response = httpx.post(url, json=[event], headers=prefect_headers(), timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise (
+            refusal(exc)
+            or TokenmillError(
+                f"the Prefect server at {redact(api_url)} refused the event "
+                f"(HTTP {exc.response.status_code}): {exc.response.text[:200]}"
+            )
+        ) from None
     except httpx.HTTPError as exc:
-        raise TokenmillError(f"cannot reach the Prefect server at {api_url} ({exc}); check PREFECT_API_URL") from None
-    if response.status_code >= 300:
         raise TokenmillError(
-            f"the Prefect server refused the event (HTTP {response.status_code}): {response.text[:200]}"
-        )
+            f"cannot reach the Prefect server at {redact(api_url)} ({type(exc).__name__}); check PREFECT_API_URL"
+        ) from None

@@ -201,6 +201,8 @@ def test_promote_refuses_a_worse_model_then_force_and_rollback(pipeline_env):
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("tokenmill-lm", "previous-champion").version) == "1"
+    who = client.get_model_version("tokenmill-lm", "2").tags["promotion.forced_by"]
+    assert who.endswith("(no registry login)") and "@" in who  # the local user, without a registry login
     back = cli("rollback", env_state=state)
     assert back.returncode == 0, back.stderr
     assert str(client.get_model_version_by_alias("tokenmill-lm", "champion").version) == "1"

@@ -7,6 +7,7 @@ from enum import Enum
 
 import typer
 
+from tokenmill.credentials import refusal
 from tokenmill.errors import TokenmillError
 
 
@@ -20,6 +21,12 @@ def user_errors():
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+    except Exception as exc:  # a server that refused our credentials is a user error too
+        err = refusal(exc)
+        if err is None:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 class Task(str, Enum):

@@ -10,6 +10,7 @@ import typer
 
 from tokenmill import runtime
 from tokenmill.cli.common import Task, require_labels, user_errors
+from tokenmill.credentials import check_servers
 from tokenmill.errors import TokenmillError
 
 
@@ -23,7 +24,7 @@ def corpus_updated(
         from tasks.run.events import emit
 
         event = make_event(corpus, note)
-        emit(os.environ.get("PREFECT_API_URL"), event, os.environ.get("PREFECT_API_KEY"))
+        emit(os.environ.get("PREFECT_API_URL"), event)
         typer.echo(f"emitted {event['event']} for {corpus} (event id {event['id']})")
 
 
@@ -40,7 +41,9 @@ def serve(
         runtime.configure_env()
         from tasks.run.plan import plan_run
 
-        require_labels(plan_run(corpus, preset, task=task.value if task else None))
+        plan = plan_run(corpus, preset, task=task.value if task else None)
+        require_labels(plan)
+        check_servers(plan.config.registry.model_name)
         runtime.configure()
         from flows.deployments import serve_all
         from tasks.core.policy import hide_user_error_tracebacks

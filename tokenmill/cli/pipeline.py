@@ -11,6 +11,7 @@ import typer
 from tasks.core.spec import headline_lines, task_spec
 from tokenmill import runtime
 from tokenmill.cli.common import Task, require_labels, user_errors
+from tokenmill.credentials import check_servers
 from tokenmill.errors import TokenmillError
 
 
@@ -41,9 +42,9 @@ def run(
 
             set_ = [*set_, f"train.budget_s={parse_duration(budget)}"]
         task_name = task.value if task else None
-        require_labels(
-            plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name)
-        )  # fail before writing
+        plan = plan_run(corpus, preset, set_, str(catalog) if catalog else None, max_steps, task_name)
+        require_labels(plan)  # fail before writing
+        check_servers(plan.config.registry.model_name)
         runtime.configure()
         from tokenmill.embedded import start_embedded_services
 

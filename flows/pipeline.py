@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from tasks.evaluate import evaluate_model
 from tasks.preprocess import preprocess_corpus
 from tasks.registry import register_candidate, start_model_task
-from tasks.run import end_run, plan_run_task, publish_summary, run_summary, run_tags, start_run
+from tasks.run import end_run, log_data, plan_run_task, publish_summary, run_summary, run_tags, start_run
 from tasks.train import start_tokenizer, train_model
 from tokenmill import runtime
 
@@ -53,6 +53,7 @@ def run_pipeline(
     tags = run_tags(plan.corpus.name, plan.corpus.fingerprint, flow_run.get_id(), start_uri, cfg.task)
     run_id = start_run(cfg.registry.experiment, f"{plan.corpus.name}-{cfg.preset}", cfg.model_dump(), tags)
     try:
+        log_data(run_id, manifest)
         trained = train_model(manifest, cfg, plan.models_root, run_id, refresh=refresh, init=start)
         evaluation = evaluate_model(manifest, trained, cfg.eval, run_id, refresh=refresh)
         registered = register_candidate(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tokenmill.data_quality import NearDupConfig, QualityConfig
 from tokenmill.errors import TokenmillError
 
 
@@ -54,6 +55,15 @@ class DataConfig(Section):
     )
     incremental: bool = Field(
         True, description="reuse an earlier build's tokenizer and unchanged partitions of the same corpus"
+    )
+    near_dup: NearDupConfig = Field(
+        NearDupConfig(), description="MinHash near-duplicate removal across the corpus (tokenmill/data_quality.py)"
+    )
+    quality: QualityConfig = Field(
+        QualityConfig(), description="document filters: a preset (none, code, prose) and per-filter settings"
+    )
+    drop_sample: int = Field(
+        20, ge=0, le=1000, description="dropped documents kept per reason, seeded, in <shards>/dropped/<reason>.jsonl"
     )
 
     @model_validator(mode="after")
@@ -308,7 +318,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "config"
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field; check the spelling"
         parts.append(f"{where}: {message}")

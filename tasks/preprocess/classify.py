@@ -44,7 +44,7 @@ def labelled_source(corpus: Corpus, data: DataConfig) -> LabelledSource:
     rules = doc_rules(corpus, data)
     labels = LabelRules(e.label_field, tuple(e.labels) if e.labels else None)
     file_labels = tuple((f.path, f.label) for f in corpus.files) if e.label_dirs else ()
-    return LabelledSource(rules, labels, file_labels)
+    return LabelledSource(rules, labels, file_labels, data.quality if data.quality.active() else None)
 
 
 def build_labelled(
@@ -88,7 +88,8 @@ def scan_pass(client, parts: list[Partition], source: LabelledSource) -> list[Sc
 def _for_partition(source: LabelledSource, part: Partition) -> LabelledSource:
     """The source with only this partition's file labels, so a task ships no more than it needs."""
     paths = set(part.paths)
-    return LabelledSource(source.rules, source.labels, tuple(fl for fl in source.file_labels if fl[0] in paths))
+    file_labels = tuple(fl for fl in source.file_labels if fl[0] in paths)
+    return LabelledSource(source.rules, source.labels, file_labels, source.quality)
 
 
 def select(corpus: Corpus, scans: list[ScanResult], val_fraction: float) -> Selection:

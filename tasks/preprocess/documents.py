@@ -98,6 +98,12 @@ def read_documents(piece: Piece | str, rules: DocRules, tally: Tally) -> Iterato
         yield doc
 
 
+def read_placed(piece: Piece | str, rules: DocRules, tally: Tally) -> Iterator[tuple[str, str]]:
+    """(document, where it lies) of `read_documents`: "file:line", "file@byte" or "file:row N"."""
+    for doc, _, where in _documents(piece, rules, tally):
+        yield doc, where
+
+
 def read_labelled(
     piece: Piece | str,
     rules: DocRules,

@@ -16,9 +16,7 @@ repacked without them (`drop_repeats`) instead of being encoded again.
 from __future__ import annotations
 
 import io
-import itertools
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,11 +28,11 @@ from tasks.core.atomic import write_bytes, write_json
 from tasks.core.manifest import FORMAT, content_key
 from tasks.core.shards import pack_rows, read_rows, write_shard, write_split
 from tasks.core.tokenizer import token_dtype, worker_tokenizer
-from tasks.preprocess.documents import DocRules, Tally, doc_hash, is_val, read_documents
+from tasks.preprocess.documents import DocRules, Tally, doc_hash, is_val, read_placed
 from tasks.preprocess.partitions import Partition
+from tasks.preprocess.screen import Screen, Screening
+from tasks.preprocess.streams import SplitStreams, save_spans
 
-ENCODE_BATCH_DOCS = 1024
-ENCODE_BATCH_CHARS = 1 << 20
 PARTS = "parts"
 HASHES = "hashes"
 SPANS = "spans"
@@ -50,6 +48,7 @@ class EncodeSpec:
     row_len: int
     val_fraction: float
     out_dir: str
+    screen: Screen | None = None  # quality filters, near-duplicate signatures, drop samples
 
 
 @dataclass
@@ -61,6 +60,7 @@ class PartitionResult:
     first: dict[str, str] = field(default_factory=dict)  # where each drop reason was first seen
     reused: bool = False
     repacked: bool = False  # cut from a first pass's shards by drop_repeats, not encoded
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # documents dropped by a filter, per reason
     hashes: np.ndarray | None = None  # every document's hash, in reading order; not recorded
 
     def to_json(self) -> dict:
@@ -72,6 +72,7 @@ class PartitionResult:
             "first": self.first,
             "reused": self.reused,
             "repacked": self.repacked,
+            "samples": self.samples,
         }
 
     def hash_result(self) -> HashResult:
@@ -88,6 +89,7 @@ class PartitionResult:
             obj.get("first", {}),
             obj.get("reused", False),
             obj.get("repacked", False),
+            obj.get("samples", {}),
         )
 
 
@@ -103,27 +105,54 @@ def source_key(part: Partition, rules: DocRules) -> str:
     return content_key(FORMAT, "source", list(part.identity), asdict(rules))
 
 
-def encode_key(skey: str, drops: np.ndarray, spec: EncodeSpec) -> str:
-    """Names a partition's shards: its input, which documents dedup drops, the tokenizer and packing."""
+def input_key(part: Partition, rules: DocRules, screen: Screen | None = None) -> str:
+    """Names the documents a partition keeps and what is cached of them (hashes, signatures):
+    its input and, when documents are screened, the filters and MinHash settings."""
+    skey = source_key(part, rules)
+    identity = screen.identity() if screen else None
+    return skey if identity is None else content_key(FORMAT, "screened", skey, identity)
+
+
+def encode_key(skey: str, drops: np.ndarray, spec: EncodeSpec, near: np.ndarray | None = None) -> str:
+    """Names a partition's shards: its input, which documents dedup drops (and which of them as
+    near-duplicates), the tokenizer and packing."""
     dropped = content_key(np.asarray(drops, dtype=np.int64).tolist())
-    return content_key(FORMAT, "encode", skey, dropped, spec.tokenizer_sha256, spec.row_len, spec.val_fraction)
+    parts = [FORMAT, "encode", skey, dropped, spec.tokenizer_sha256, spec.row_len, spec.val_fraction]
+    if near is not None and len(near):
+        parts.append(content_key(["near", np.asarray(near, dtype=np.int64).tolist()]))
+    return content_key(*parts)
 
 
-def hash_partition(part: Partition, rules: DocRules, dest: str | None = None) -> HashResult:
-    """The 64-bit hash of every kept document of the partition, in reading order; cached at `dest`."""
+def hash_partition(
+    part: Partition, rules: DocRules, dest: str | None = None, screen: Screen | None = None
+) -> HashResult:
+    """The 64-bit hash of every kept document of the partition, in reading order; cached at `dest`
+    with the documents' signatures when near-duplicates are searched."""
     tally = Tally()
-    hashes = np.array(
-        [doc_hash(doc) for piece in part.pieces for doc in read_documents(piece, rules, tally)], np.uint64
-    )
+    screening = Screening(screen, signatures=bool(dest))
+    hashes = []
+    for piece in part.pieces:
+        for doc, where in read_placed(piece, rules, tally):
+            if not screening.rejects(doc, where):
+                hashes.append(doc_hash(doc))
+                screening.add(doc)
+    tally.counts.update(screening.stats)
+    result = HashResult(part.index, np.array(hashes, np.uint64), tally)
     if dest:
-        save_hashes(Path(dest), hashes, tally)
-    return HashResult(part.index, hashes, tally)
+        save_hashes(Path(dest), result.hashes, tally, screening.signatures())
+    return result
 
 
-def save_hashes(dest: Path, hashes: np.ndarray, tally: Tally) -> None:
+def save_hashes(dest: Path, hashes: np.ndarray, tally: Tally, signatures: np.ndarray | None = None) -> None:
     buf = io.BytesIO()
-    np.savez(buf, hashes=hashes, tally=np.frombuffer(json.dumps([tally.counts, tally.first]).encode(), np.uint8))
+    arrays = {"hashes": hashes, "tally": np.frombuffer(json.dumps([tally.counts, tally.first]).encode(), np.uint8)}
+    np.savez(buf, **arrays, **({"signatures": signatures} if signatures is not None else {}))
     write_bytes(dest, buf.getvalue())
+
+
+def load_signatures(path: Path) -> np.ndarray:
+    with np.load(path) as npz:
+        return npz["signatures"]
 
 
 def load_hashes(index: int, path: Path) -> HashResult:
@@ -142,70 +171,36 @@ def find_duplicates(hashes: list[np.ndarray]) -> list[np.ndarray]:
     return [np.flatnonzero(dup[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-class _SplitStreams:
-    """Documents of each split, encoded in batches (one SentencePiece call each) into token arrays."""
-
-    def __init__(self, sp, dtype) -> None:
-        self.sp, self.dtype, self.eos = sp, dtype, sp.eos_id()
-        self.batch: dict[str, list[str]] = {"train": [], "val": []}
-        self.chars = {"train": 0, "val": 0}
-        self.chunks: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-        self.bytes_out = 0
-        # per document, in stream order: its position in the partition, its tokens (with EOS), its bytes
-        self.spans: dict[str, list[list[int]]] = {"train": [[], [], []], "val": [[], [], []]}
-
-    def add(self, split: str, doc: str, position: int) -> None:
-        self.spans[split][0].append(position)
-        self.batch[split].append(doc)
-        self.chars[split] += len(doc)
-        if len(self.batch[split]) >= ENCODE_BATCH_DOCS or self.chars[split] >= ENCODE_BATCH_CHARS:
-            self.flush(split)
-
-    def flush(self, split: str) -> None:
-        docs = self.batch[split]
-        if not docs:
-            return
-        encoded = self.sp.encode(docs, num_threads=1)
-        for ids in encoded:
-            ids.append(self.eos)
-        # one pass from the lists into numpy, without an intermediate flat list
-        lengths = [len(ids) for ids in encoded]
-        self.chunks[split].append(np.fromiter(itertools.chain.from_iterable(encoded), self.dtype, count=sum(lengths)))
-        sizes = [len(d.encode("utf-8")) for d in docs]
-        self.spans[split][1] += lengths
-        self.spans[split][2] += sizes
-        self.bytes_out += sum(sizes)
-        docs.clear()
-        self.chars[split] = 0
-
-    def stream(self, split: str) -> np.ndarray:
-        self.flush(split)
-        chunks = self.chunks[split]
-        return np.concatenate(chunks) if chunks else np.empty(0, dtype=self.dtype)
-
-
 def encode_partition(
-    part: Partition, drop: np.ndarray | None, spec: EncodeSpec, key: str = "", hashes_dest: str | None = None
+    part: Partition,
+    drop: np.ndarray | None,
+    spec: EncodeSpec,
+    key: str = "",
+    hashes_dest: str | None = None,
+    near: np.ndarray | None = None,
 ) -> PartitionResult:
-    """Read, filter, dedup, split, encode and pack one partition; write its shards, then its record.
+    """Read, screen, dedup, split, encode and pack one partition; write its shards, then its record.
 
-    `drop` lists the positions of documents seen earlier in the corpus. None means they are
-    not known yet: only repeats within the partition are dropped, the record is named by that
-    guess (`key` is ignored), and the hashes are also cached at `hashes_dest`.
+    `drop` lists the positions of documents seen earlier in the corpus (`near`: those of them
+    dropped as near-duplicates). None means they are not known yet: only repeats within the
+    partition are dropped, the record is named by that guess (`key` is ignored), and the hashes
+    (and signatures) are also cached at `hashes_dest`.
     """
     started = time.perf_counter()
     sp = worker_tokenizer(spec.tokenizer_path, spec.tokenizer_sha256)
     result = PartitionResult(index=part.index, key=key)
     tally = Tally()
-    streams = _SplitStreams(sp, token_dtype(sp.get_piece_size()))
-    hashes = _encode_documents(part, drop, spec, tally, streams, result)
-    result.hashes = hashes
+    streams = SplitStreams(sp, token_dtype(sp.get_piece_size()))
+    screening = Screening(spec.screen, signatures=drop is None and bool(hashes_dest))
+    hashes = _encode_documents(part, drop, near, spec, tally, streams, result, screening)
+    tally.counts.update(screening.stats)
+    result.hashes, result.samples = hashes, screening.final_samples()
     token_streams = {split: streams.stream(split) for split in ("train", "val")}
     if drop is None:
-        result.key = encode_key(source_key(part, spec.rules), find_duplicates([hashes])[0], spec)
+        result.key = encode_key(input_key(part, spec.rules, spec.screen), find_duplicates([hashes])[0], spec)
         if hashes_dest:
-            save_hashes(Path(hashes_dest), hashes, tally)
-        _save_spans(Path(spec.out_dir) / SPANS / f"{result.key}.npz", streams, token_streams, spec.row_len)
+            save_hashes(Path(hashes_dest), hashes, tally, screening.signatures())
+        save_spans(Path(spec.out_dir) / SPANS / f"{result.key}.npz", streams, token_streams, spec.row_len)
     for split, stream in token_streams.items():
         _write_split(part.index, split, stream, spec, result)
     result.stats.update(tally.counts)
@@ -220,23 +215,32 @@ def encode_partition(
 def _encode_documents(
     part: Partition,
     drop: np.ndarray | None,
+    near: np.ndarray | None,
     spec: EncodeSpec,
     tally: Tally,
-    streams: _SplitStreams,
+    streams: SplitStreams,
     result: PartitionResult,
+    screening: Screening,
 ) -> np.ndarray:
-    """Feed the partition's kept documents to `streams`; the hashes of all its documents, in order."""
+    """Feed the partition's kept documents to `streams`; the hashes of all the documents that
+    pass the filters, in order."""
     hashes: list[int] = []
     seen: set[int] = set()
     drop_set = set(np.asarray(drop).tolist()) if drop is not None else None
+    near_set = set(np.asarray(near).tolist()) if near is not None else set()
     for piece in part.pieces:
-        for doc in read_documents(piece, spec.rules, tally):
+        for doc, where in read_placed(piece, spec.rules, tally):
+            if screening.rejects(doc, where):
+                continue
             h = doc_hash(doc)
             hashes.append(h)
+            screening.add(doc)
             repeated = (len(hashes) - 1 in drop_set) if drop_set is not None else h in seen
             seen.add(h)
             if repeated:
-                result.stats["dropped_duplicate"] += 1
+                reason = "near_duplicate" if len(hashes) - 1 in near_set else "duplicate"
+                result.stats[f"dropped_{reason}"] += 1
+                result.stats[f"bytes_dropped_{reason}"] += len(doc.encode("utf-8"))
                 continue
             split = "val" if is_val(h, spec.val_fraction) else "train"
             result.stats[f"docs_{split}"] += 1
@@ -244,38 +248,18 @@ def _encode_documents(
     return np.array(hashes, np.uint64)
 
 
-def _packed(n_tokens: int, row_len: int) -> int:
-    """How many tokens of a stream of `n_tokens` the packed rows hold (see tasks.core.shards.pack_rows)."""
-    n_rows = max(0, (n_tokens - 1) // (row_len - 1))
-    return n_rows * (row_len - 1) + 1 if n_rows else 0
-
-
-def _save_spans(dest: Path, streams: _SplitStreams, token_streams: dict[str, np.ndarray], row_len: int) -> None:
-    arrays = {}
-    for split, stream in token_streams.items():
-        positions, lengths, sizes = streams.spans[split]
-        arrays |= {
-            f"{split}_positions": np.array(positions, np.int64),
-            f"{split}_tokens": np.array(lengths, np.int64),
-            f"{split}_bytes": np.array(sizes, np.int64),
-            f"{split}_tail": stream[_packed(len(stream), row_len) :],
-        }
-    # read back only by this run, so an atomic rename without fsync is enough
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, dest)
-
-
-def drop_repeats(guess: PartitionResult, drop: np.ndarray, spec: EncodeSpec, key: str) -> PartitionResult:
+def drop_repeats(
+    guess: PartitionResult, drop: np.ndarray, spec: EncodeSpec, key: str, near: np.ndarray | None = None
+) -> PartitionResult:
     """A first-pass partition without the documents at positions `drop` (which include those it
     dropped itself): its token streams are rebuilt from its shards and spans, the dropped
     documents' tokens cut out, and the rest packed again, so nothing is encoded twice. The
     shards are the same bytes as `encode_partition(part, drop, spec, key)` would write."""
     started = time.perf_counter()
     out = Path(spec.out_dir)
-    result = PartitionResult(guess.index, key, stats=Counter(guess.stats), first=dict(guess.first), repacked=True)
+    result = PartitionResult(
+        guess.index, key, stats=Counter(guess.stats), first=dict(guess.first), repacked=True, samples=guess.samples
+    )
     result.stats["tokens"] = result.stats["tokens_dropped_tail"] = 0
     with np.load(out / SPANS / f"{guess.key}.npz") as spans:
         for split in ("train", "val"):
@@ -287,7 +271,11 @@ def drop_repeats(guess: PartitionResult, drop: np.ndarray, spec: EncodeSpec, key
             result.stats[f"docs_{split}"] -= int(gone.sum())
             if not result.stats[f"docs_{split}"]:
                 del result.stats[f"docs_{split}"]  # as a split no document reached is counted
-            result.stats["dropped_duplicate"] += int(gone.sum())
+            gone_near = gone & np.isin(spans[f"{split}_positions"], near if near is not None else [])
+            for reason, mask in (("duplicate", gone & ~gone_near), ("near_duplicate", gone_near)):
+                if mask.any():
+                    result.stats[f"dropped_{reason}"] += int(mask.sum())
+                    result.stats[f"bytes_dropped_{reason}"] += int(spans[f"{split}_bytes"][mask].sum())
             result.stats["bytes_out"] -= int(spans[f"{split}_bytes"][gone].sum())
             _write_split(guess.index, split, stream[np.repeat(~gone, spans[f"{split}_tokens"])], spec, result)
             if old and not any(s["split"] == split for s in result.shards):

@@ -86,7 +86,7 @@ def _relink(src_dir: Path, out: Path, result: PartitionResult, index: int) -> Pa
             dest.unlink()
             return None
         shards.append({**shard, "path": dest.name})
-    return PartitionResult(index, result.key, shards, result.stats, result.first, reused=True)
+    return PartitionResult(index, result.key, shards, result.stats, result.first, reused=True, samples=result.samples)
 
 
 def find_tokenizer(dirs: list[Path], key: str) -> tuple[Path, str] | None:

@@ -7,6 +7,8 @@ stratified train/val split (`select_documents`), all from those small arrays. Pa
 (`encode_labelled_partition`) reads the partition again, encodes the documents the client
 kept, truncates and pads them to `max_len`, and writes one shard per split atomically.
 Workers do not know who runs them: the same functions run serially in tests or on Dask.
+The quality filters (data.quality) apply here as to language-model corpora, each drop counted
+by reason; near-duplicate removal (data.near_dup) is for language-model corpora only.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tasks.core.shards import PAD_ID, write_labelled_shard, write_split
 from tasks.core.tokenizer import token_dtype, worker_tokenizer
 from tasks.preprocess.documents import DocRules, LabelRules, Tally, doc_hash, read_labelled
 from tasks.preprocess.partitions import Partition
+from tasks.preprocess.quality import failing_filter
+from tokenmill.data_quality import QualityConfig
 from tokenmill.errors import TokenmillError
 
 ENCODE_BATCH_DOCS = 512
@@ -40,11 +44,17 @@ class LabelledSource:
     rules: DocRules
     labels: LabelRules
     file_labels: tuple[tuple[str, str | None], ...] = ()
+    quality: QualityConfig | None = None  # only when some filter is on
 
     def documents(self, part: Partition, tally: Tally, seen: dict | None = None) -> Iterator[tuple[str, str]]:
         by_path = dict(self.file_labels)
         for piece in part.pieces:
-            yield from read_labelled(piece, self.rules, self.labels, tally, by_path.get(piece.path), seen)
+            for doc, label in read_labelled(piece, self.rules, self.labels, tally, by_path.get(piece.path), seen):
+                reason = failing_filter(doc, self.quality) if self.quality else None
+                if reason is None:
+                    yield doc, label
+                else:
+                    tally.note(f"dropped_{reason}", piece.path)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def summarize_tokens(manifest: dict) -> None:
     say(
         f"[bold green]preprocessed[/] {manifest['corpus']['name']}: {s.get('docs_in', 0)} documents in, "
         f"{s.get('docs_out', 0)} out ({s.get('docs_train', 0)} train, {s.get('docs_val', 0)} val), "
-        f"{s.get('duplicates', 0)} duplicates"
+        f"{s.get('duplicates', 0)} duplicates, {s.get('near_duplicates', 0)} near-duplicates"
     )
     say(
         f"  tokens     {s.get('tokens', 0):,} ({s.get('bytes_per_token', 0)} bytes/token), "
@@ -56,8 +56,18 @@ def summarize_tokens(manifest: dict) -> None:
         f"  partitions {s.get('partitions', 0)} ({s.get('partitions_reused', 0)} reused, "
         f"{s.get('partitions_repacked', 0)} repacked without cross-partition duplicates), {s.get('seconds', 0)} s"
     )
+    if manifest.get("dropped"):
+        say(
+            "  dropped    "
+            + ", ".join(f"{r} {n['docs']:,} ({_size(n['bytes'])})" for r, n in manifest["dropped"].items())
+            + " (samples in dropped/; --explain-drop N shows them)"
+        )
     for reason, text in manifest.get("problems", {}).items():
         say(f"  [yellow]{reason}[/] {text}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
 def summarize_labelled(manifest: dict) -> None:

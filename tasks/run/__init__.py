@@ -11,9 +11,10 @@ __getattr__, __dir__ = lazy_exports(
         "plan_run_task": "plan_task",
         "start_run": "tracking",
         "end_run": "tracking",
+        "log_data": "tracking",
         "run_tags": "tracking",
         "run_summary": "summary",
         "publish_summary": "summary",
     },
 )
-__all__ = ["end_run", "plan_run_task", "publish_summary", "run_summary", "run_tags", "start_run"]
+__all__ = ["end_run", "log_data", "plan_run_task", "publish_summary", "run_summary", "run_tags", "start_run"]

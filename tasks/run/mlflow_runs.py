@@ -12,8 +12,10 @@ overrides it). `close_run` stops the thread and ends the run. `MlflowTracker` is
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import tokenmill
@@ -111,6 +113,28 @@ def watch_system(run_id: str) -> None:
         return
     monitor.start()
     _system_monitors[run_id] = monitor
+
+
+def log_data_record(run_id: str, manifest_path: str) -> None:
+    """What preprocessing kept and dropped, into the run: documents in and out and, per reason
+    (exact duplicate, near-duplicate, each quality filter), documents and bytes dropped as
+    `data/...` metrics; the manifest's `dropped` record as `data/dropped.json`; and the sampled
+    dropped documents (`dropped/<reason>.jsonl` beside the manifest) under `data/dropped/`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    stats, dropped = manifest["stats"], manifest.get("dropped", {})
+    values = {"data/docs_in": stats.get("docs_in", 0), "data/docs_out": stats.get("docs_out", 0)}
+    for reason, n in dropped.items():
+        values[f"data/dropped_{reason}"], values[f"data/bytes_dropped_{reason}"] = n["docs"], n["bytes"]
+    now = int(time.time() * 1000)
+    client = MlflowClient()
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()], synchronous=True)
+    client.log_dict(run_id, dropped, "data/dropped.json")
+    samples = Path(manifest_path).parent / "dropped"
+    if samples.is_dir():
+        client.log_artifacts(run_id, str(samples), "data/dropped")
 
 
 def close_run(run_id: str, status: str = "FINISHED") -> None:

@@ -15,9 +15,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core.policy import TRACKING_RETRIES
-from tasks.run.mlflow_runs import MlflowTracker, close_run, open_run
+from tasks.run.mlflow_runs import MlflowTracker, close_run, log_data_record, open_run
 
-__all__ = ["MlflowTracker", "close_run", "end_run", "open_run", "run_tags", "start_run"]
+__all__ = ["MlflowTracker", "close_run", "end_run", "log_data", "open_run", "run_tags", "start_run"]
 
 
 @task(
@@ -28,6 +28,16 @@ __all__ = ["MlflowTracker", "close_run", "end_run", "open_run", "run_tags", "sta
 def start_run(experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> str:
     """Open the pipeline's MLflow run with the resolved config as params; return its id."""
     return open_run(experiment, run_name, config, tags)
+
+
+@task(
+    name="log-data-record",
+    **TRACKING_RETRIES,
+    cache_policy=NO_CACHE,
+)
+def log_data(run_id: str, manifest_path: str) -> None:
+    """Documents kept and dropped per reason, and the dropped samples, into the pipeline's run."""
+    log_data_record(run_id, str(manifest_path))
 
 
 @task(

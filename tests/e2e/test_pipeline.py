@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
@@ -70,6 +71,13 @@ def test_first_run_registers_a_champion_that_learned_context(pipeline_env):
     assert {"val_loss", "val_ppl", "val_bpb"} <= set(run.data.metrics)
     assert run.data.params["preset"] == "tiny" and run.info.status == "FINISHED"
     assert len(client.get_metric_history(mv.run_id, "train_loss")) >= 10
+    # What preprocessing dropped, with the run: the stdlib's generated codec tables are near-copies.
+    manifest = json.loads(Path(first["manifest"]).read_text())
+    near = manifest["dropped"]["near_duplicate"]
+    assert run.data.metrics["data/dropped_near_duplicate"] == near["docs"] > 0
+    assert run.data.metrics["data/bytes_dropped_near_duplicate"] == near["bytes"]
+    logged = {a.path for a in client.list_artifacts(mv.run_id, "data/dropped")}
+    assert "data/dropped/near_duplicate.jsonl" in logged
 
 
 def test_shards_are_reused_and_a_weak_challenger_is_not_promoted(pipeline_env):

@@ -5,11 +5,13 @@
     tokenmill catalog validate [FILE]
     tokenmill preprocess CORPUS [--preset NAME] [--catalog FILE] [--set SECTION.FIELD=VALUE]
                                 [--task lm|classify] [--dask-address ADDR] [--workers N] [--json]
+                                [--explain-drop N]
 
 `preprocess` runs the preprocessing task's body directly: no Prefect server or flow run is
 needed. A labelled corpus (an entry with label_field or label_dirs) becomes labelled shards
 for the classify task unless `--task lm` says otherwise. Like every command, a user error
-prints one `error:` line and exits with status 2.
+prints one `error:` line and exits with status 2. `--explain-drop N` shows, on stderr, N of
+the sampled documents each reason dropped (exact and near-duplicates, each quality filter).
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ def preprocess(
         None, help="lm or classify (default: classify when the corpus has labels, else lm)."
     ),
     as_json: bool = typer.Option(False, "--json", help="End stdout with one JSON object: manifest and stats."),
+    explain_drop: int = typer.Option(
+        0, "--explain-drop", min=0, help="Show N sampled dropped documents per reason (from <shards>/dropped/)."
+    ),
 ) -> None:
     """Preprocess CORPUS into tokenizer + Arrow shards + manifest.json, and print the manifest path."""
     with user_errors():
@@ -179,6 +184,11 @@ def preprocess(
             task=cfg.task,
         )
         _echo(str(manifest_path))
+        if explain_drop:
+            from tasks.preprocess.dropped import explain
+
+            for line in explain(Path(manifest_path).parent, explain_drop) or ["nothing was dropped"]:
+                typer.echo(line, err=True)
         if as_json:
             manifest = json.loads(Path(manifest_path).read_text())
             out = {
@@ -189,6 +199,7 @@ def preprocess(
                 "shards": len(manifest["shards"]),
                 "stats": manifest["stats"],
                 "problems": manifest.get("problems", {}),
+                "dropped": manifest.get("dropped", {}),
             }
             if "labels" in manifest:
                 out.update(labels=manifest["labels"], label_counts=manifest["label_counts"])

@@ -1,0 +1,183 @@
+"""Document quality filters in the style of Gopher and C4: pure functions of a document's text.
+
+`failing_filter(doc, cfg)` is the first filter a document fails (its drop reason) or None; the
+workers call it on every document before it is hashed or encoded, so a document that fails
+is never encoded. The settings and presets live in tokenmill/data_quality.py. Each measure:
+
+    word_count            words (split on whitespace)
+    mean_word_length      characters per word
+    symbol_ratio          '#' or '...' (and '…') per word, the larger of the two
+    alpha_words           share of words with at least one letter
+    alpha_chars           share of non-space characters that are letters
+    bullet_lines          share of non-blank lines starting with a bullet (•, -, *, ...)
+    ellipsis_lines        share of non-blank lines ending in '...' or '…'
+    duplicate_lines       share of non-blank lines that repeat an earlier line
+    duplicate_line_chars  share of characters of non-blank lines in such repeats
+    top_ngram             per n: characters of the most frequent word n-gram, times its count,
+                          over all word characters
+    duplicate_ngram       per n: word characters covered by a repeat (not the first occurrence)
+                          of some word n-gram
+
+Measures are computed only for the filters that are on, cheapest first, and stop at the first
+failure; the n-gram ones are vectorised with numpy over a document's word ids.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import cached_property
+
+import numpy as np
+
+from tokenmill.data_quality import NgramFilter, QualityConfig, RangeFilter
+
+BULLETS = ("•", "-", "*", "●", "‣", "◦", "▪", "·", "–")
+ELLIPSES = ("...", "…")
+_NON_LETTERS = re.compile(r"[\W\d_]+")
+_SPACE = re.compile(r"\s+")
+_LETTERLESS_WORD = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
+_NGRAM_MIX = np.uint64(0x9E3779B97F4A7C15)
+# ASCII bytes by class: 0 whitespace, 1 other visible, 2 letter
+_ASCII_CLASS = np.ones(256, np.int64)
+_ASCII_CLASS[list(b" \t\n\r\x0b\x0c")] = 0
+_ASCII_CLASS[list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")] = 2
+
+
+class Measures:
+    """The measures of one document, each computed on first use."""
+
+    def __init__(self, doc: str) -> None:
+        self.doc = doc
+
+    @cached_property
+    def words(self) -> list[str]:
+        return self.doc.split()
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return [line for line in map(str.strip, self.doc.splitlines()) if line]
+
+    @cached_property
+    def word_lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.words), np.int64, count=len(self.words))
+
+    def word_count(self) -> float:
+        return len(self.words)
+
+    def mean_word_length(self) -> float:
+        return float(self.word_lengths.mean()) if self.words else 0.0
+
+    def symbol_ratio(self) -> float:
+        n = max(len(self.words), 1)
+        return max(self.doc.count("#"), sum(self.doc.count(e) for e in ELLIPSES)) / n
+
+    def alpha_words(self) -> float:
+        return 1.0 - len(_LETTERLESS_WORD.findall(self.doc)) / max(len(self.words), 1)
+
+    def alpha_chars(self) -> float:
+        if self.doc.isascii():  # most text and nearly all code: count bytes by table, not by regex
+            counts = np.bincount(_ASCII_CLASS[np.frombuffer(self.doc.encode("ascii"), np.uint8)], minlength=3)
+            visible = int(counts[1] + counts[2])
+            return int(counts[2]) / visible if visible else 0.0
+        visible = len(_SPACE.sub("", self.doc))
+        return len(_NON_LETTERS.sub("", self.doc)) / visible if visible else 0.0
+
+    def bullet_lines(self) -> float:
+        return sum(line.startswith(BULLETS) for line in self.lines) / max(len(self.lines), 1)
+
+    def ellipsis_lines(self) -> float:
+        return sum(line.endswith(ELLIPSES) for line in self.lines) / max(len(self.lines), 1)
+
+    @cached_property
+    def _repeated_lines(self) -> tuple[int, int]:
+        seen: set[str] = set()
+        lines = chars = 0
+        for line in self.lines:
+            if line in seen:
+                lines += 1
+                chars += len(line)
+            seen.add(line)
+        return lines, chars
+
+    def duplicate_lines(self) -> float:
+        return self._repeated_lines[0] / max(len(self.lines), 1)
+
+    def duplicate_line_chars(self) -> float:
+        return self._repeated_lines[1] / max(sum(map(len, self.lines)), 1)
+
+    @cached_property
+    def word_ids(self) -> np.ndarray:
+        # Python's hash() is salted per process, but the measures depend only on which words are
+        # equal, so they are the same in every process (up to 64-bit collisions).
+        return np.fromiter(map(hash, self.words), np.int64, count=len(self.words)).view(np.uint64)
+
+    def ngram_keys(self, n: int) -> np.ndarray:
+        """One 64-bit key per word n-gram, in order (distinct n-grams collide with odds ~2^-64)."""
+        ids = self.word_ids
+        if len(ids) < n:
+            return np.empty(0, np.uint64)
+        keys = np.zeros(len(ids) - n + 1, np.uint64)
+        for k in range(n):
+            keys = keys * _NGRAM_MIX + ids[k : len(ids) - n + 1 + k] + np.uint64(1)
+        return keys
+
+    def top_ngram(self, n: int) -> float:
+        keys = self.ngram_keys(n)
+        if len(keys) < 2:
+            return 0.0
+        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] < 2:
+            return 0.0
+        start = first[top]
+        return float(counts[top] * self.word_lengths[start : start + n].sum() / self.word_lengths.sum())
+
+    def duplicate_ngram(self, n: int) -> float:
+        keys = self.ngram_keys(n)
+        if len(keys) < 2:
+            return 0.0
+        _, first = np.unique(keys, return_index=True)
+        repeat = np.ones(len(keys), bool)
+        repeat[first] = False
+        if not repeat.any():
+            return 0.0
+        # words covered by a repeated occurrence: +1 where one starts, -1 n words later
+        edges = np.zeros(len(self.words) + 1, np.int64)
+        starts = np.flatnonzero(repeat)
+        np.add.at(edges, starts, 1)
+        np.add.at(edges, starts + n, -1)
+        covered = np.cumsum(edges[:-1]) > 0
+        return float(self.word_lengths[covered].sum() / self.word_lengths.sum())
+
+
+def _range_fails(value: float, f: RangeFilter) -> bool:
+    return (f.min is not None and value < f.min) or (f.max is not None and value > f.max)
+
+
+def failing_filter(doc: str, cfg: QualityConfig) -> str | None:
+    """The name of the first active filter `doc` fails, or None when it passes them all."""
+    active = cfg.active()
+    if not active:
+        return None
+    m = Measures(doc)
+    for name, f in active:
+        if isinstance(f, NgramFilter):
+            measure: Callable[[int], float] = getattr(m, name)
+            if any(measure(n) > limit for n, limit in sorted(f.max.items())):
+                return name
+        elif _range_fails(getattr(m, name)(), f):
+            return name
+    return None
+
+
+def measure_all(doc: str, cfg: QualityConfig) -> dict[str, float]:
+    """Every filter's measure of `doc` (n-gram ones at the n their settings name), for reports."""
+    m = Measures(doc)
+    out: dict[str, float] = {}
+    for name, f in ((n, getattr(cfg, n)) for n in cfg.model_fields if n != "preset"):
+        if isinstance(f, NgramFilter):
+            out |= {f"{name}_{n}": round(getattr(m, name)(n), 4) for n in sorted(f.max)}
+        else:
+            out[name] = round(getattr(m, name)(), 4)
+    return out

@@ -8,7 +8,7 @@ is never encoded. The settings and presets live in tokenmill/data_quality.py. Ea
     mean_word_length      characters per word
     symbol_ratio          '#' or '...' (and '…') per word, the larger of the two
     alpha_words           share of words with at least one letter
-    alpha_chars           share of non-space characters that are letters
+    alpha_chars           share of non-space characters that are letters (str.isalpha)
     bullet_lines          share of non-blank lines starting with a bullet (•, -, *, ...)
     ellipsis_lines        share of non-blank lines ending in '...' or '…'
     duplicate_lines       share of non-blank lines that repeat an earlier line
@@ -34,14 +34,13 @@ from tokenmill.data_quality import NgramFilter, QualityConfig, RangeFilter
 
 BULLETS = ("•", "-", "*", "●", "‣", "◦", "▪", "·", "–")
 ELLIPSES = ("...", "…")
-_NON_LETTERS = re.compile(r"[\W\d_]+")
-_SPACE = re.compile(r"\s+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _LETTERLESS_WORD = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
 _NGRAM_MIX = np.uint64(0x9E3779B97F4A7C15)
-# ASCII bytes by class: 0 whitespace, 1 other visible, 2 letter
-_ASCII_CLASS = np.ones(256, np.int64)
-_ASCII_CLASS[list(b" \t\n\r\x0b\x0c")] = 0
-_ASCII_CLASS[list(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")] = 2
+# For ASCII text (most text, nearly all code), characters are counted by deleting bytes in C
+# (bytes.translate) instead of by regex: the whitespace str.split() splits on, and the letters.
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_ASCII_NOT_LETTER = bytes(c for c in range(256) if not chr(c).isascii() or not chr(c).isalpha())
 
 
 class Measures:
@@ -62,11 +61,24 @@ class Measures:
     def word_lengths(self) -> np.ndarray:
         return np.fromiter(map(len, self.words), np.int64, count=len(self.words))
 
+    @cached_property
+    def _char_counts(self) -> tuple[int, int]:
+        """(characters outside whitespace, which is the words' total length; letters). The ASCII
+        part is counted by deleting bytes in C, and only the non-ASCII characters one by one."""
+        ascii_part = self.doc.encode("ascii", "ignore")
+        others = "".join(_NON_ASCII.findall(self.doc)) if len(ascii_part) < len(self.doc) else ""
+        visible = len(ascii_part.translate(None, _ASCII_SPACE)) + sum(not c.isspace() for c in others)
+        return visible, len(ascii_part.translate(None, _ASCII_NOT_LETTER)) + sum(c.isalpha() for c in others)
+
+    @property
+    def visible_chars(self) -> int:
+        return self._char_counts[0]
+
     def word_count(self) -> float:
         return len(self.words)
 
     def mean_word_length(self) -> float:
-        return float(self.word_lengths.mean()) if self.words else 0.0
+        return self.visible_chars / len(self.words) if self.words else 0.0
 
     def symbol_ratio(self) -> float:
         n = max(len(self.words), 1)
@@ -76,12 +88,8 @@ class Measures:
         return 1.0 - len(_LETTERLESS_WORD.findall(self.doc)) / max(len(self.words), 1)
 
     def alpha_chars(self) -> float:
-        if self.doc.isascii():  # most text and nearly all code: count bytes by table, not by regex
-            counts = np.bincount(_ASCII_CLASS[np.frombuffer(self.doc.encode("ascii"), np.uint8)], minlength=3)
-            visible = int(counts[1] + counts[2])
-            return int(counts[2]) / visible if visible else 0.0
-        visible = len(_SPACE.sub("", self.doc))
-        return len(_NON_LETTERS.sub("", self.doc)) / visible if visible else 0.0
+        visible, letters = self._char_counts
+        return letters / visible if visible else 0.0
 
     def bullet_lines(self) -> float:
         return sum(line.startswith(BULLETS) for line in self.lines) / max(len(self.lines), 1)

@@ -211,14 +211,23 @@ def planted_quality(corpus_dir: Path, thresholds: list[float], ngram: int) -> li
     rows.append(near_dup.signatures(batch, cfg))
     sig = np.concatenate(rows)
     exact = find_duplicates([np.array(hashes, np.uint64)])
+    first_seen: dict[int, int] = {}
+    first_of = [first_seen.setdefault(h, i) for i, h in enumerate(hashes)]
     out = []
     for threshold in thresholds:
         found = near_dup.near_duplicates(
             [len(index)], lambda _: sig, exact, NearDupConfig(threshold=threshold, ngram=ngram)
         )
         kept_of = dict(zip(found.drops[0].tolist(), found.kept[0][:, 1].tolist()))
-        # a cluster is named by its kept document (the original itself, unless it too repeats)
-        scores = pair_scores(copies, index, set(kept_of), lambda i, k=kept_of: k.get(i, i))
+
+        # A cluster is named by its kept document. An original that exactly repeats an earlier
+        # document was dropped by exact dedup before the near-duplicate search, and its copy
+        # clusters with that earlier, identical document: name both by the first occurrence.
+        def cluster(i: int, k: dict = kept_of) -> int:
+            first = first_of[i]
+            return k.get(first, first)
+
+        scores = pair_scores(copies, index, set(kept_of), cluster)
         other = len(kept_of) - sum(i in copies for i in kept_of)  # within the base corpus itself
         out.append({"threshold": threshold, "ngram": ngram, **scores, "other_near_duplicates": other})
     return out

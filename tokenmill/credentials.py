@@ -57,7 +57,8 @@ def refusal(exc: BaseException) -> TokenmillError | None:
     if status is None:
         return None
     if callable(getattr(exc, "get_http_status_code", None)):
-        return _mlflow_refusal(exc, status)
+        found = re.search(r"endpoint (\S+)", str(getattr(exc, "message", exc)))
+        return _mlflow_refusal(status, found.group(1) if found else None)
     request = getattr(exc, "request", None)
     url = str(request.url) if request is not None else os.environ.get("PREFECT_API_URL", "?")
     server = f"the Prefect server at {redact(_api_root(url))}"
@@ -68,14 +69,13 @@ def refusal(exc: BaseException) -> TokenmillError | None:
     return TokenmillError(f"{server} denied the request (403): check PREFECT_API_AUTH_STRING or PREFECT_API_KEY")
 
 
-def _mlflow_refusal(exc: BaseException, status: int) -> TokenmillError:
+def _mlflow_refusal(status: int, endpoint: str | None) -> TokenmillError:
     server = f"the MLflow server at {redact(os.environ.get('MLFLOW_TRACKING_URI', '?'))}"
     if status == 401:
         sent = os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")
         why = "did not accept the credentials sent" if sent else "needs credentials and none were sent"
         return TokenmillError(f"{server} {why} (401): set {MLFLOW_CREDENTIALS}")
-    found = re.search(r"endpoint (\S+)", str(getattr(exc, "message", exc)))
-    what = found.group(1).removeprefix("/api/2.0/mlflow/") if found else "this request"
+    what = endpoint.removeprefix("/api/2.0/mlflow/") if endpoint else "this request"
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this user"
     return TokenmillError(
         f"{server} denied {user} permission for {what} (403): run as a user who holds it, "
@@ -195,5 +195,5 @@ def _auth_api(path: str, params: dict | None = None) -> dict | None:
     if response.status_code == 404:
         return None
     if response.status_code in (401, 403):
-        raise _mlflow_refusal(Exception(f"endpoint {path}"), response.status_code)
+        raise _mlflow_refusal(response.status_code, path)
     return response.json()

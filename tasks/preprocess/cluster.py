@@ -43,6 +43,22 @@ QUIET_WORKERS = {
 # 2.2-2.4 s / 4.2-4.5 s vs 1.4 s / 1.9-2.0 s. So the fork server from 4 workers up, unless the
 # Dask config already names a start method other than its default.
 FORKSERVER_FROM_WORKERS = 4
+# distributed starts each worker with MALLOC_TRIM_THRESHOLD_=65536 so that freed memory goes back
+# to the OS at once. Setting any malloc threshold also turns off glibc's adaptive mmap threshold,
+# so every numpy temporary over 128 KiB is mapped, page-faulted and unmapped again: with it,
+# encoding partitions took 20% more CPU here and MinHash signatures 2x (BENCHMARKS.md, "Data
+# quality"). Partitions are bounded, so the workers' memory stays bounded without it.
+DASK_MALLOC_DEFAULT = ("MALLOC_TRIM_THRESHOLD_", 65536)
+
+
+def worker_environ_config() -> dict[str, dict]:
+    """distributed's pre-spawn environment for local workers without its malloc trim threshold
+    (only when that is distributed's own default: a threshold set on purpose is kept)."""
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    name, default = DASK_MALLOC_DEFAULT
+    if str(environ.get(name)) == str(default):
+        del environ[name]
+    return {"distributed.nanny.pre-spawn-environ": environ}
 
 
 def start_method_config(workers: int) -> dict[str, str]:
@@ -93,7 +109,7 @@ def dask_client(address: str | None, n_workers: int | None = None) -> Iterator:
     # The cluster starts empty and is scaled up without waiting, so the first worker takes
     # work while the others are still starting (16 workers take ~3 s to come up).
     with (
-        dask.config.set({**QUIET_WORKERS, **start_method_config(workers)}),
+        dask.config.set({**QUIET_WORKERS, **worker_environ_config(), **start_method_config(workers)}),
         LocalCluster(
             n_workers=0,
             threads_per_worker=1,

@@ -246,7 +246,9 @@ def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: fl
     stats["near_duplicates"] = stats["dropped_near_duplicate"]
     stats["bytes_per_token"] = round(stats["bytes_out"] / max(1, stats["tokens"]), 4)
     stats["seconds"] = round(seconds, 2)
-    stats["seconds_in_workers"] = round(stats["seconds_in_workers"], 2)  # encoding partitions, summed
+    for part in ("in_workers", "filters", "signatures"):  # encoding partitions (and screening them), summed
+        if f"seconds_{part}" in stats:
+            stats[f"seconds_{part}"] = round(stats[f"seconds_{part}"], 2)
     stats["partitions"] = len(results)
     stats["partitions_reused"] = sum(r.reused for r in results)
     stats["partitions_repacked"] = sum(r.repacked for r in results)

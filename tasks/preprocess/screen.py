@@ -10,6 +10,7 @@ sample gives the same documents however the partitions were spread over workers.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -99,7 +100,9 @@ class Screening:
         """True (and counted) when the document fails a quality filter."""
         if not self.filtering:
             return False
+        started = time.perf_counter()
         reason = failing_filter(doc, self.screen.quality)
+        self.stats["seconds_filters"] += time.perf_counter() - started
         if reason is None:
             return False
         self.drop(reason, doc, where)
@@ -125,7 +128,9 @@ class Screening:
 
     def _flush(self) -> None:
         if self._batch:
+            started = time.perf_counter()
             self._rows.append(near_dup.signatures(self._batch, self.screen.near_dup))
+            self.stats["seconds_signatures"] += time.perf_counter() - started
             self._batch, self._chars = [], 0
 
     def signatures(self) -> np.ndarray | None:

@@ -49,3 +49,15 @@ def test_preprocessing_work_runs_on_a_tls_scheduler_with_the_configured_certific
             assert client.submit(sum, [1, 2, 3]).result(timeout=30) == 6
         with pytest.raises((OSError, TimeoutError)):  # a client without the certificates gets nowhere
             Client(address.replace("tls://", "tcp://"), timeout="3s")
+
+
+def test_local_workers_start_without_distributeds_malloc_trim_threshold():
+    import dask
+
+    from tasks.preprocess.cluster import worker_environ_config
+
+    environ = worker_environ_config()["distributed.nanny.pre-spawn-environ"]
+    assert "MALLOC_TRIM_THRESHOLD_" not in environ and environ["OMP_NUM_THREADS"] == 1
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 1 << 20}):
+        kept = worker_environ_config()["distributed.nanny.pre-spawn-environ"]
+    assert kept["MALLOC_TRIM_THRESHOLD_"] == 1 << 20  # set on purpose: left alone

@@ -46,8 +46,8 @@ FORKSERVER_FROM_WORKERS = 4
 # distributed starts each worker with MALLOC_TRIM_THRESHOLD_=65536 so that freed memory goes back
 # to the OS at once. Setting any malloc threshold also turns off glibc's adaptive mmap threshold,
 # so every numpy temporary over 128 KiB is mapped, page-faulted and unmapped again: with it,
-# encoding partitions took 20% more CPU here and MinHash signatures 2x (BENCHMARKS.md, "Data
-# quality"). Partitions are bounded, so the workers' memory stays bounded without it.
+# MinHash signatures took 3x as long in the workers and encoding itself 15-20% more CPU
+# (BENCHMARKS.md, "Data quality"). Partitions are bounded, so memory stays bounded without it.
 DASK_MALLOC_DEFAULT = ("MALLOC_TRIM_THRESHOLD_", 65536)
 
 

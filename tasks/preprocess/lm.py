@@ -245,10 +245,9 @@ def assemble_manifest(corpus, tokenizer, data, spec, parts, results, seconds: fl
     stats["duplicates"] = stats["dropped_duplicate"]
     stats["near_duplicates"] = stats["dropped_near_duplicate"]
     stats["bytes_per_token"] = round(stats["bytes_out"] / max(1, stats["tokens"]), 4)
+    for name in [k for k in stats if k.startswith("seconds_")]:  # encoding and screening partitions, summed
+        stats[name] = round(stats[name], 2)
     stats["seconds"] = round(seconds, 2)
-    for part in ("in_workers", "filters", "signatures"):  # encoding partitions (and screening them), summed
-        if f"seconds_{part}" in stats:
-            stats[f"seconds_{part}"] = round(stats[f"seconds_{part}"], 2)
     stats["partitions"] = len(results)
     stats["partitions_reused"] = sum(r.reused for r in results)
     stats["partitions_repacked"] = sum(r.repacked for r in results)
